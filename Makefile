@@ -1,0 +1,33 @@
+# Two commands do all set-up from a fresh clone:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint format bench clean
+
+install: $(STAMP)
+
+# torch==2.13.0 is pinned in constraints.txt: the CPU build, never the multi-GB CUDA wheels.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/lightning-peft fit --config configs/minilm_lora.yaml
+
+test: install
+	$(PY) -m pytest -n 2 --dist loadgroup -q tests
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+bench: install
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) lightning_logs wandb outputs *.egg-info

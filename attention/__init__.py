@@ -1,0 +1,25 @@
+"""Swappable long-sequence attention (installed as ``lightning_peft.attention``).
+
+One tensor layout and call signature (see :mod:`lightning_peft.attention.base`), one file per variant,
+registered by name; dense SDPA is the reference every variant is tested against.
+"""
+
+from lightning_peft.attention.base import (
+    AttentionVariant,
+    Capabilities,
+    TokenMixer,
+    available_attention,
+    build_attention,
+    get_attention,
+    register_attention,
+)
+
+__all__ = [
+    "AttentionVariant",
+    "Capabilities",
+    "TokenMixer",
+    "available_attention",
+    "build_attention",
+    "get_attention",
+    "register_attention",
+]
