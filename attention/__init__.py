@@ -23,3 +23,11 @@ __all__ = [
     "get_attention",
     "register_attention",
 ]
+
+# Adding a variant is adding one file: every module here registers itself on import.
+import importlib as _importlib
+import pkgutil as _pkgutil
+
+for _mod in _pkgutil.iter_modules(__path__):
+    if not _mod.name.startswith("_") and _mod.name not in {"base"}:
+        _importlib.import_module(f"{__name__}.{_mod.name}")
