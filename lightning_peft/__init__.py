@@ -1,3 +1,53 @@
-"""lightning-peft: parameter-efficient fine-tuning for any ``nn.Module``, one Lightning callback away."""
+"""lightning-peft: parameter-efficient fine-tuning for any ``nn.Module``, one Lightning callback away.
+
+Plain PyTorch::
+
+    from lightning_peft import LoRAConfig, inject, merge, param_summary
+
+    inject(model, LoRAConfig(r=8, alpha=16, target_modules=["query", "value"]))
+
+Lightning: ``trainer = L.Trainer(callbacks=[lightning_peft.callbacks.PEFT(LoRAConfig(...))])``.
+"""
+
+from lightning_peft import tuners as _tuners  # registers every method
+from lightning_peft.api import (
+    ParamSummary,
+    disable_adapters,
+    get_config,
+    inject,
+    load_trainable_state_dict,
+    mark_trainable,
+    merge,
+    param_summary,
+    trainable_state_dict,
+    unload,
+    unmerge,
+)
+from lightning_peft.config import TunerConfig, available_tuners, config_from_dict, register_tuner
+from lightning_peft.tuners.bitfit import BitFitConfig
+from lightning_peft.tuners.bottleneck import BottleneckConfig
+from lightning_peft.tuners.lora import LoRAConfig
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BitFitConfig",
+    "BottleneckConfig",
+    "LoRAConfig",
+    "ParamSummary",
+    "TunerConfig",
+    "available_tuners",
+    "config_from_dict",
+    "disable_adapters",
+    "get_config",
+    "inject",
+    "load_trainable_state_dict",
+    "mark_trainable",
+    "merge",
+    "param_summary",
+    "register_tuner",
+    "trainable_state_dict",
+    "unload",
+    "unmerge",
+]
+del _tuners

@@ -1,0 +1,251 @@
+"""Free functions over any ``nn.Module``: inject a tuner, freeze, summarise, save/load, merge, disable.
+
+These are the whole plain-PyTorch API; the Lightning callback is a thin layer over them.
+
+Example::
+
+    from lightning_peft import LoRAConfig, inject, param_summary, trainable_state_dict
+
+    inject(model, LoRAConfig(r=8, alpha=16, target_modules=["query", "value"]))
+    print(param_summary(model))          # trainable 294,912 / 109,777,152 (0.27%)
+    torch.save(trainable_state_dict(model), "adapter.pt")
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_peft.config import TunerConfig
+from lightning_peft.layers import TRAINABLE_ATTR, Adapter, Mergeable, iter_trainable_parameters, mark
+from lightning_peft.targeting import find_modules
+from lightning_peft.tuners.bitfit import ORIGINAL_BIAS
+
+__all__ = [
+    "CONFIG_ATTR",
+    "ParamSummary",
+    "disable_adapters",
+    "get_config",
+    "inject",
+    "load_trainable_state_dict",
+    "mark_trainable",
+    "merge",
+    "param_summary",
+    "trainable_state_dict",
+    "unload",
+    "unmerge",
+]
+
+#: Attribute on the injected root module holding its :class:`TunerConfig`.
+CONFIG_ATTR = "_lp_config"
+
+
+def get_config(model: nn.Module) -> TunerConfig | None:
+    """The tuner config injected into ``model`` or any of its submodules (None if none)."""
+    for module in model.modules():
+        config = getattr(module, CONFIG_ATTR, None)
+        if config is not None:
+            return config
+    return None
+
+
+def inject(model: nn.Module, config: TunerConfig) -> list[str]:
+    """Inject ``config``'s tuner into ``model`` in place, then freeze everything but the tuner.
+
+    Targets are wrapped where they are (the original module stays reachable as ``base_layer``), modules
+    in ``config.modules_to_save`` become fully trainable, and every other parameter is frozen.
+
+    Returns:
+        The names of the modules the tuner changed.
+
+    Raises:
+        ValueError: ``model`` already has a tuner, or the config matches nothing (closest names listed).
+    """
+    if not isinstance(config, TunerConfig):
+        raise TypeError(f"inject() takes a TunerConfig (e.g. LoRAConfig(...)), got {type(config).__name__}")
+    existing = get_config(model)
+    if existing is not None:
+        raise ValueError(
+            f"this model already has a {existing.method!r} tuner injected; a second inject() would wrap "
+            "the adapters themselves. Call lightning_peft.unload(model) first to remove it."
+        )
+    changed = config.apply(model)
+    if config.modules_to_save:
+        for name in find_modules(model, config.modules_to_save, what="modules_to_save"):
+            mark(model.get_submodule(name))
+    setattr(model, CONFIG_ATTR, config)
+    mark_trainable(model)
+    return changed
+
+
+def mark_trainable(model: nn.Module) -> None:
+    """Freeze every parameter of ``model`` except those a tuner marked trainable."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, p in iter_trainable_parameters(model):
+        p.requires_grad_(True)
+
+
+@dataclass(frozen=True)
+class ParamSummary:
+    """Parameter counts of a model with a tuner (shared parameters counted once)."""
+
+    trainable: int
+    total: int
+
+    @property
+    def frozen(self) -> int:
+        return self.total - self.trainable
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"trainable": self.trainable, "total": self.total, "percent": self.percent}
+
+    def __str__(self) -> str:
+        return f"trainable {self.trainable:,} / {self.total:,} ({self.percent:.3f}%)"
+
+
+def param_summary(model: nn.Module) -> ParamSummary:
+    """Trainable (tuner-marked) and total parameter counts of ``model``."""
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    trainable = sum(p.numel() for _, p in iter_trainable_parameters(model))
+    return ParamSummary(trainable=trainable, total=total)
+
+
+def trainable_state_dict(model: nn.Module) -> OrderedDict[str, Tensor]:
+    """The tuner's parameters (and ``modules_to_save``), keyed by their names in ``model``."""
+    return OrderedDict((name, p.detach()) for name, p in iter_trainable_parameters(model))
+
+
+def load_trainable_state_dict(
+    model: nn.Module, state_dict: Mapping[str, Tensor], *, strict: bool = True
+) -> None:
+    """Load tensors saved by :func:`trainable_state_dict` into ``model`` (which must have the same tuner).
+
+    Args:
+        strict: refuse missing and unexpected keys (recommended; the message lists them).
+
+    Raises:
+        ValueError: no tuner in ``model``, key mismatch (with ``strict``) or a shape mismatch.
+    """
+    params = dict(iter_trainable_parameters(model))
+    if not params:
+        raise ValueError(
+            "this model has no tuner injected, so there is nothing to load adapter weights into; call "
+            "lightning_peft.inject(model, config) with the config the weights were trained with first"
+        )
+    missing = sorted(set(params) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(params))
+    if strict and (missing or unexpected):
+        raise ValueError(_key_report("adapter weights do not match the model's tuner", missing, unexpected))
+    with torch.no_grad():
+        for name, value in state_dict.items():
+            if name not in params:
+                continue
+            target = params[name]
+            if target.shape != value.shape:
+                raise ValueError(
+                    f"shape mismatch for {name!r}: saved {tuple(value.shape)}, model {tuple(target.shape)} "
+                    "(different r, bottleneck size or base model?)"
+                )
+            target.copy_(value)
+
+
+def _key_report(title: str, missing: list[str], unexpected: list[str], limit: int = 8) -> str:
+    def show(keys: list[str]) -> str:
+        more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+        return ", ".join(keys[:limit]) + more
+
+    lines = [title + ":"]
+    if missing:
+        lines.append(f"  missing from the saved weights ({len(missing)}): {show(missing)}")
+    if unexpected:
+        lines.append(f"  not in this model ({len(unexpected)}): {show(unexpected)}")
+    return "\n".join(lines)
+
+
+def _mergeable(model: nn.Module) -> list[Mergeable]:
+    layers = [m for m in model.modules() if isinstance(m, Mergeable)]
+    if not layers:
+        adapters = [type(m).__name__ for m in model.modules() if isinstance(m, Adapter)]
+        what = f"its adapters ({', '.join(sorted(set(adapters)))}) are not" if adapters else "it has no tuner"
+        raise ValueError(f"nothing to merge in {type(model).__name__}: {what} mergeable (only LoRA-like are)")
+    return layers
+
+
+def merge(model: nn.Module) -> None:
+    """Fold every mergeable adapter (LoRA) into its base weight: inference then costs nothing extra."""
+    for layer in _mergeable(model):
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo :func:`merge`."""
+    for layer in _mergeable(model):
+        layer.unmerge()
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Within the block ``model`` behaves as the base model (adapters off, merged ones unmerged,
+    BitFit biases back to their original values); everything is restored on exit.
+
+    ``modules_to_save`` modules are trained in place and stay as trained.
+    """
+    adapters = [m for m in model.modules() if isinstance(m, Adapter) and not m.disabled]
+    remerge = [m for m in adapters if isinstance(m, Mergeable) and m.merged]
+    biased = [m for m in model.modules() if hasattr(m, ORIGINAL_BIAS)]
+    saved_bias = [m.bias.detach().clone() for m in biased]
+    try:
+        for m in remerge:
+            m.unmerge()
+        for m in adapters:
+            m.disabled = True
+        with torch.no_grad():
+            for m in biased:
+                m.bias.copy_(getattr(m, ORIGINAL_BIAS))
+        yield
+    finally:
+        for m in adapters:
+            m.disabled = False
+        for m in remerge:
+            m.merge()
+        with torch.no_grad():
+            for m, b in zip(biased, saved_bias):
+                m.bias.copy_(b)
+
+
+def unload(model: nn.Module, *, merge_weights: bool = True) -> nn.Module:
+    """Remove the tuner: put every wrapped layer's ``base_layer`` back (after merging LoRA into it when
+    ``merge_weights``), drop markers, and leave a plain model that loads without this package.
+
+    Non-mergeable adapters (bottleneck) cannot be folded: with ``merge_weights`` they raise.
+    """
+    wrapped = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, Adapter) and hasattr(m, "base_layer")
+    ]
+    for name, module in wrapped:
+        if merge_weights:
+            if not isinstance(module, Mergeable):
+                raise ValueError(
+                    f"{name!r} ({type(module).__name__}) cannot be merged; use merge_weights=False"
+                )
+            module.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.base_layer)
+    for module in model.modules():
+        for attr in (TRAINABLE_ATTR, CONFIG_ATTR):
+            if attr in module.__dict__:
+                delattr(module, attr)
+        if ORIGINAL_BIAS in module._buffers:
+            del module._buffers[ORIGINAL_BIAS]
+    return model

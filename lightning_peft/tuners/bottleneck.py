@@ -1,0 +1,173 @@
+"""Bottleneck adapters (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP";
+Pfeiffer et al. 2021, "AdapterFusion").
+
+An adapter maps a sub-layer's output ``h`` (width d) to ``h + s * up(act(down(h)))`` with ``down: d -> m``,
+``up: m -> d`` and ``m = d / reduction_factor``: ``2md + m + d`` parameters. ``up`` starts at zero, so an
+untrained adapter is exactly the identity (``init="houlsby"`` uses the paper's near-identity
+N(0, 1e-2) for both projections instead).
+
+* ``style="houlsby"``: two adapters per block, after the attention output projection and after the FFN
+  output projection (before the residual and LayerNorm); optionally the LayerNorms train too, as in the
+  paper.
+* ``style="pfeiffer"``: one adapter per block, after the FFN output projection.
+
+Placement comes from :mod:`lightning_peft.families` for known Hugging Face models, or from
+``target_modules`` for any other model (the adapter is applied to that module's output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
+from lightning_peft.families import part_regex
+from lightning_peft.layers import mark, replace_module
+from lightning_peft.targeting import find_modules
+
+__all__ = ["ACTIVATIONS", "AdapterAfter", "BottleneckAdapter", "BottleneckConfig"]
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "swish": nn.SiLU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+}
+_STYLE_PARTS = {"houlsby": ("attention_output", "ffn_output"), "pfeiffer": ("ffn_output",)}
+
+
+@register_tuner("bottleneck")
+@dataclass(kw_only=True)
+class BottleneckConfig(TunerConfig):
+    """Bottleneck adapter hyper-parameters.
+
+    Attributes:
+        style: ``"houlsby"`` (after attention and FFN) or ``"pfeiffer"`` (after the FFN only).
+        reduction_factor: ``m = d // reduction_factor`` (ignored when ``bottleneck_size`` is set).
+        bottleneck_size: explicit ``m``.
+        activation: one of ``relu``, ``gelu``, ``swish``/``silu``, ``tanh``.
+        scaling: multiplier ``s`` on the adapter branch.
+        init: ``"identity"`` (up-projection zero: exact identity) or ``"houlsby"`` (both N(0, 1e-2)).
+        train_layer_norms: also train the blocks' LayerNorms (Houlsby et al. do).
+        layer_norm_modules: which norms ``train_layer_norms`` means, for models outside the family table.
+
+    Example::
+
+        BottleneckConfig(style="pfeiffer", reduction_factor=16, modules_to_save=["classifier"])
+    """
+
+    style: str = "houlsby"
+    reduction_factor: float = 16.0
+    bottleneck_size: int | None = None
+    activation: str = "relu"
+    scaling: float = 1.0
+    init: str = "identity"
+    train_layer_norms: bool = False
+    layer_norm_modules: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("BottleneckConfig", "style", self.style, list(_STYLE_PARTS))
+        check_choice("BottleneckConfig", "activation", self.activation, list(ACTIVATIONS))
+        check_choice("BottleneckConfig", "init", self.init, ["identity", "houlsby"])
+        check_positive("BottleneckConfig", "reduction_factor", self.reduction_factor)
+        if self.bottleneck_size is not None:
+            check_positive("BottleneckConfig", "bottleneck_size", self.bottleneck_size)
+
+    def apply(self, model: nn.Module) -> list[str]:
+        if self.target_modules is None:
+            parts = _STYLE_PARTS[self.style]
+            targets: list[str] | str = "|".join(
+                f"(?:{part_regex(model, p, owner='BottleneckConfig')})" for p in parts
+            )
+        else:
+            targets = self.target_modules
+        names = find_modules(model, targets, exclude=self.exclude_modules, layers=self.layers)
+        for name in names:
+            base = model.get_submodule(name)
+            d = _output_width(base, name)
+            m = self.bottleneck_size or max(1, int(d // self.reduction_factor))
+            adapter = BottleneckAdapter(
+                d, m, activation=self.activation, scaling=self.scaling, init=self.init
+            )
+            ref = next(base.parameters(), None)
+            if ref is not None:
+                adapter.to(device=ref.device, dtype=ref.dtype)
+            replace_module(model, name, AdapterAfter(base, adapter))
+        if self.train_layer_norms:
+            norms = self.layer_norm_modules
+            if norms is None:
+                norms = "|".join(
+                    f"(?:{part_regex(model, p, owner='BottleneckConfig.train_layer_norms')})"
+                    for p in ("attention_norm", "ffn_norm")
+                )
+            for name in find_modules(model, norms, what="layer_norm_modules", layers=self.layers):
+                mark(model.get_submodule(name))
+        return names
+
+
+def _output_width(module: nn.Module, name: str) -> int:
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if weight is not None and weight.dim() == 2:  # transformers Conv1D: (in, out)
+        return int(weight.shape[1])
+    raise TypeError(
+        f"cannot infer the output width of {name!r} ({type(module).__name__}); bottleneck adapters go "
+        "after a Linear/Conv1D projection: target one (e.g. the attention output or FFN output projection)"
+    )
+
+
+class BottleneckAdapter(nn.Module):
+    """``h + s * up(act(down(h)))``: (..., d) -> (..., d)."""
+
+    def __init__(
+        self, d: int, m: int, *, activation: str = "relu", scaling: float = 1.0, init: str = "identity"
+    ) -> None:
+        super().__init__()
+        self.down = nn.Linear(d, m)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(m, d)
+        self.scaling = scaling
+        with torch.no_grad():
+            if init == "houlsby":
+                for lin in (self.down, self.up):
+                    nn.init.normal_(lin.weight, std=1e-2)
+                    nn.init.zeros_(lin.bias)
+            else:
+                nn.init.zeros_(self.up.weight)
+                nn.init.zeros_(self.up.bias)
+        mark(self)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + self.up(self.act(self.down(h))) * self.scaling
+
+
+class AdapterAfter(nn.Module):
+    """Runs ``base_layer`` then an adapter on its output (the first element when it returns a tuple)."""
+
+    def __init__(self, base_layer: nn.Module, adapter: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = adapter
+        self.disabled = False
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.base_layer(*args, **kwargs)
+        if self.disabled:
+            return out
+        if isinstance(out, tuple):
+            return (self.adapter(out[0]), *out[1:])
+        return self.adapter(out)
