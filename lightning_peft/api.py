@@ -219,7 +219,7 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
         for m in remerge:
             m.merge()
         with torch.no_grad():
-            for m, b in zip(biased, saved_bias):
+            for m, b in zip(biased, saved_bias, strict=True):
                 m.bias.copy_(b)
 
 
