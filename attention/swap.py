@@ -1,0 +1,419 @@
+"""Put a registered attention variant into a Hugging Face BERT, RoBERTa, GPT-2 or Llama model.
+
+:func:`swap_attention` takes one of two routes per model and says which in the :class:`SwapReport` it returns:
+
+* ``"attention_interface"`` (transformers 5.x for all four families; 4.57 for GPT-2 and Llama). One
+  attention function is registered with ``transformers.AttentionInterface`` under the key
+  ``"lightning_peft"``, **together with** a mask function under the same key in
+  ``transformers.AttentionMaskInterface`` (without one, the model's mask builders see an unknown key and
+  silently pass no mask at all). The mask function hands the attention function the compact ``(B, Tk)``
+  key-padding mask instead of a dense ``(B, 1, Tq, Tk)`` one; causality is applied by the variant
+  (``causal=True``), which is decided per model at swap time. The model's ``config._attn_implementation`` is
+  set to the key (through ``model.set_attn_implementation`` where the model allows it). The variant instance
+  of each layer is attached to that layer's attention module as the submodule ``attention_variant``, so its
+  parameters (Linformer projections, Synthesizer logits, ...) train and save; the registered function looks
+  it up on the module it is called with.
+* ``"module"`` (BERT/RoBERTa on transformers 4.57, whose self-attention does not go through the interface, and
+  token mixers on every version). ``<layer>.attention.self`` is replaced by :class:`VariantSelfAttention`
+  (which keeps the original ``query``/``key``/``value`` projections under the same names) or, for token
+  mixers (FNet, MLP-Mixer), by :class:`TokenMixerSelfAttention`. Both return ``(output, None)`` like the
+  module they replace. The ``(B, 1, 1, Tk)`` / ``(B, 1, Tq, Tk)`` masks that 4.57 BERT builds are reduced
+  to a key-padding mask (a key is real if any query may attend to it).
+
+Either way the q/k/v projections keep their names, so pretrained weights load and LoRA targets such as
+``["query", "value"]`` or ``["q_proj", "v_proj"]`` still match; the state dict only *gains* the variant's
+parameters (if it has any). Token mixers have no q/k/v: their swap drops the replaced projections.
+
+Not carried over: attention-probability dropout (the variants have none) and ``output_attentions`` (the
+weights are returned as ``None``). With a KV cache (generation) the cached keys reach the variant as
+prefix keys (``num_prefix = Tk - Tq``), which only variants with ``capabilities.prefix_keys`` accept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning_peft.attention.base import (
+    AttentionVariant,
+    TokenMixer,
+    available_attention,
+    build_attention,
+    get_attention,
+)
+from torch import Tensor, nn
+
+__all__ = [
+    "INTERFACE_KEY",
+    "SwapReport",
+    "TokenMixerSelfAttention",
+    "VariantSelfAttention",
+    "key_padding_from_mask",
+    "swap_attention",
+    "swapped",
+]
+
+INTERFACE_KEY = "lightning_peft"
+"""The name registered with ``AttentionInterface`` and ``AttentionMaskInterface``."""
+
+_SWAP_ATTR = "_lightning_peft_swap"
+
+# model_type -> (self-attention class names, always causal?). BERT/RoBERTa are causal when config.is_decoder.
+_FAMILIES: dict[str, tuple[tuple[str, ...], bool]] = {
+    "bert": (("BertSelfAttention", "BertSdpaSelfAttention"), False),
+    "roberta": (("RobertaSelfAttention", "RobertaSdpaSelfAttention"), False),
+    "gpt2": (("GPT2Attention",), True),
+    "llama": (("LlamaAttention",), True),
+}
+
+
+@dataclass(frozen=True)
+class SwapReport:
+    """What :func:`swap_attention` did.
+
+    Attributes:
+        variant: the registered name swapped in.
+        options: the keyword options the variant was built with.
+        model_type: the Hugging Face ``config.model_type``.
+        route: ``"attention_interface"`` or ``"module"`` (see the module docstring).
+        causal: whether the variant is called with ``causal=True``.
+        modules: qualified names of the attention modules that now run the variant.
+    """
+
+    variant: str
+    options: dict[str, Any]
+    model_type: str
+    route: str
+    causal: bool
+    modules: tuple[str, ...] = field(default_factory=tuple)
+
+    def __str__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return (
+            f"{self.variant}({opts}) in {len(self.modules)} {self.model_type} attention layers"
+            f" via {self.route}"
+            f"{' (causal)' if self.causal else ''}: {', '.join(self.modules)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------- masks
+def key_padding_from_mask(mask: Tensor | None, kv_length: int | None = None) -> Tensor | None:
+    """Reduce any Hugging Face attention mask to a ``(B, Tk)`` bool key-padding mask (``None``: no padding).
+
+    Accepts 2-D ``{0, 1}`` / bool masks, and 4-D boolean (``True`` = attend) or additive float
+    (``0`` = attend, very negative = masked) masks of shape ``(B, 1, 1 or Tq, Tk)``; a key counts as real
+    if any query may see it.
+    """
+    if mask is None:
+        return None
+    if mask.dim() == 4:
+        allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        real = allowed.any(dim=-2).any(dim=1)  # (B, Tk)
+    elif mask.dim() == 2:
+        real = mask.bool()
+    else:
+        raise ValueError(f"cannot read a key-padding mask from a mask of shape {tuple(mask.shape)}")
+    if kv_length is not None and real.shape[1] != kv_length:
+        raise ValueError(f"attention mask covers {real.shape[1]} keys but there are {kv_length}")
+    return None if bool(real.all()) else real
+
+
+def _padding_mask_function(
+    *,
+    kv_length: int,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: Tensor | None = None,
+    **_: Any,
+) -> Tensor | None:
+    """``AttentionMaskInterface`` entry: the compact ``(B, kv_length)`` key-padding mask, or ``None``."""
+    name = getattr(mask_function, "__name__", "")
+    if mask_function is not None and name not in ("causal_mask_function", "bidirectional_mask_function"):
+        raise NotImplementedError(
+            f"swapped attention ({INTERFACE_KEY!r}) takes only a key-padding mask, but the model asked "
+            "for the "
+            f"mask pattern {name or mask_function!r} (packed sequences, sliding or custom overlays); pass an "
+            "explicit 2-D attention_mask instead of packing sequences"
+        )
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        return attention_mask  # an already prepared 4-D mask: read by key_padding_from_mask
+    mask = attention_mask.bool()
+    if (missing := kv_offset + kv_length - mask.shape[1]) > 0:  # static caches: slots not yet written
+        mask = nn.functional.pad(mask, (0, missing), value=False)
+    mask = mask[:, kv_offset : kv_offset + kv_length]
+    return None if bool(mask.all()) else mask
+
+
+# --------------------------------------------------------------------------------------- attention function
+def _scaling(module: nn.Module, head_dim: int, given: float | None) -> float:
+    if given is not None:
+        return given
+    if hasattr(module, "scale_attn_weights"):  # GPT-2 on transformers 4.57 passes no scaling
+        scale = head_dim**-0.5 if module.scale_attn_weights else 1.0
+        if getattr(module, "scale_attn_by_inverse_layer_idx", False):
+            scale /= float(module.layer_idx + 1)
+        return scale
+    return float(getattr(module, "scaling", head_dim**-0.5))
+
+
+def _repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """Grouped-query attention: ``(B, Hkv, T, D)`` -> ``(B, Hkv * groups, T, D)``."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _variant_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """``AttentionInterface`` entry: run the layer's ``attention_variant`` on ``(B, H, T, D)`` q/k/v.
+
+    Returns ``(B, Tq, H, D)`` and no attention weights, as the interface expects.
+    """
+    if kwargs.get("head_mask") is not None:
+        raise NotImplementedError("swapped attention does not support head_mask")
+    groups = int(getattr(module, "num_key_value_groups", 1))
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)  # (B, H, Tk, D)
+    padding = key_padding_from_mask(attention_mask, key.shape[2])
+    scale = _scaling(module, query.shape[-1], scaling)
+    variant = module._modules.get("attention_variant")
+    if variant is None:  # an attention this swap left alone (cross-attention): dense softmax attention
+        out = nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=None if padding is None else padding[:, None, None, :], scale=scale
+        )
+    else:
+        out = variant(
+            query,
+            key,
+            value,
+            key_padding_mask=padding,
+            causal=bool(module.attention_variant_causal),
+            scale=scale,
+            num_prefix=key.shape[2] - query.shape[2],
+        )
+    return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
+
+
+def _register_interface() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(INTERFACE_KEY, _variant_attention)
+    AttentionMaskInterface.register(INTERFACE_KEY, _padding_mask_function)
+
+
+def _routes_through_interface(module: nn.Module) -> bool:
+    """Whether this module's modeling file dispatches attention through ``AttentionInterface``."""
+    try:
+        importlib.import_module("transformers.masking_utils").AttentionMaskInterface  # noqa: B018
+    except (ImportError, AttributeError):
+        return False
+    return hasattr(sys.modules[type(module).__module__], "ALL_ATTENTION_FUNCTIONS")
+
+
+# ------------------------------------------------------------------------------------ replacement modules
+class VariantSelfAttention(nn.Module):
+    """Drop-in for an encoder self-attention module (BERT/RoBERTa on transformers 4.57).
+
+    Keeps the original ``query``, ``key``, ``value`` projections (same names, so state-dict keys and LoRA
+    targets are unchanged) and runs ``attention_variant`` on their outputs. Returns ``(context, None)``.
+    """
+
+    def __init__(self, original: nn.Module, variant: AttentionVariant, causal: bool) -> None:
+        super().__init__()
+        self.query, self.key, self.value = original.query, original.key, original.value
+        self.num_attention_heads = int(original.num_attention_heads)
+        self.attention_head_size = int(original.attention_head_size)
+        self.attention_variant = variant
+        self.attention_variant_causal = causal
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        head_mask: Tensor | None = None,
+        encoder_hidden_states: Tensor | None = None,
+        past_key_values: Any = None,
+        **_: Any,
+    ) -> tuple[Tensor, None]:
+        if encoder_hidden_states is not None or past_key_values is not None or head_mask is not None:
+            raise NotImplementedError(
+                "swapped self-attention supports no cross-attention, KV cache or head_mask"
+            )
+        B, T, _ = hidden_states.shape
+        shape = (B, T, self.num_attention_heads, self.attention_head_size)
+        q, k, v = (
+            proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.query, self.key, self.value)
+        )
+        out = self.attention_variant(
+            q,  # (B, H, T, D)
+            k,
+            v,
+            key_padding_mask=key_padding_from_mask(attention_mask, T),
+            causal=self.attention_variant_causal,
+            scale=self.attention_head_size**-0.5,
+        )
+        return out.transpose(1, 2).reshape(B, T, -1), None  # (B, T, C)
+
+
+class TokenMixerSelfAttention(nn.Module):
+    """Replaces a whole self-attention module with the :class:`TokenMixer` ``mixer``; returns ``(y, None)``.
+
+    (Token mixers have no q/k/v: the replaced projections are dropped.)
+    """
+
+    def __init__(self, mixer: TokenMixer) -> None:
+        super().__init__()
+        self.mixer = mixer
+
+    def forward(
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, **_: Any
+    ) -> tuple[Tensor, None]:
+        padding = key_padding_from_mask(attention_mask, hidden_states.shape[1])
+        return self.mixer(hidden_states, padding), None  # (B, T, C)
+
+
+# ------------------------------------------------------------------------------------------------- swapping
+def _attention_modules(model: nn.Module, class_names: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    found = []
+    for path, module in model.named_modules():
+        if type(module).__name__ not in class_names or getattr(module, "is_cross_attention", False):
+            continue
+        if path.split(".")[-2:-1] == ["crossattention"] or ".crossattention." in f".{path}.":
+            continue  # BERT's cross-attention reuses the self-attention class
+        found.append((path, module))
+    return found
+
+
+def _head_shape(module: nn.Module, config: Any) -> tuple[int, int]:
+    if hasattr(module, "attention_head_size"):  # BERT / RoBERTa
+        return int(module.num_attention_heads), int(module.attention_head_size)
+    heads = getattr(module, "num_heads", None) or config.num_attention_heads  # GPT-2 / Llama
+    return int(heads), int(module.head_dim)
+
+
+def _set_parent(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def swap_attention(model: nn.Module, name: str, **options: Any) -> SwapReport:
+    """Make every self-attention layer of a Hugging Face model run attention variant ``name``.
+
+    Args:
+        model: a ``transformers`` BERT, RoBERTa, GPT-2 or Llama model (any head).
+        name: a registered variant (``lightning_peft.attention.available_attention()``).
+        **options: keyword options of the variant (``window=...``, ``bucket_size=...``).
+
+    Returns:
+        A :class:`SwapReport` listing the swapped modules and the route taken. Swapping the same variant
+        with the same options again is a no-op that returns the first report; another variant is refused.
+
+    Raises:
+        ValueError: unknown variant (the message lists the known ones), unsupported model, relative position
+            embeddings, or a causal model with a variant that cannot be causal.
+
+    Example::
+
+        report = swap_attention(bert, "sliding_window", window=128)
+        print(report)  # sliding_window(window=128) in 12 bert attention layers via attention_interface
+    """
+    cls = get_attention(name)  # raises for an unknown name, listing the known ones
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _FAMILIES:
+        raise ValueError(
+            f"swap_attention supports Hugging Face {', '.join(sorted(_FAMILIES))} models; got "
+            f"{type(model).__name__} (model_type={model_type!r})"
+        )
+    previous: SwapReport | None = getattr(model, _SWAP_ATTR, None)
+    if previous is not None:
+        if previous.variant == name and previous.options == options:
+            return previous
+        raise ValueError(f"this model already runs {previous}; swap a fresh model instead of swapping twice")
+    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
+        raise ValueError(
+            f"swap_attention: position_embedding_type={config.position_embedding_type!r} adds "
+            "relative-position "
+            "scores inside attention, which the variants cannot take; use absolute position embeddings"
+        )
+    class_names, always_causal = _FAMILIES[model_type]
+    causal = always_causal or bool(getattr(config, "is_decoder", False))
+    caps = cls.capabilities
+    if causal and not caps.causal:
+        causal_ok = [n for n in available_attention() if get_attention(n).capabilities.causal]
+        raise ValueError(
+            f"{type(model).__name__} is a causal (decoder) model but attention variant {name!r} cannot do "
+            "causal "
+            f"attention; choose one of: {', '.join(causal_ok)}"
+        )
+    targets = _attention_modules(model, class_names)
+    if not targets:
+        raise ValueError(
+            f"found no self-attention module ({', '.join(class_names)}) in {type(model).__name__}"
+        )
+    max_length = getattr(config, "max_position_embeddings", None)
+    mixer = issubclass(cls, TokenMixer)
+    interface = not mixer and all(_routes_through_interface(m) for _, m in targets)
+    if mixer and model_type not in ("bert", "roberta"):
+        raise ValueError(
+            f"token mixer {name!r} replaces encoder self-attention; it supports BERT and RoBERTa only"
+        )
+
+    for path, module in targets:
+        heads, head_dim = _head_shape(module, config)
+        variant = build_attention(name, num_heads=heads, head_dim=head_dim, max_length=max_length, **options)
+        variant.to(device=_device_of(module))
+        if mixer:
+            _set_parent(model, path, TokenMixerSelfAttention(variant))
+        elif interface:
+            module.attention_variant = variant
+            module.attention_variant_causal = causal
+        else:
+            _set_parent(model, path, VariantSelfAttention(module, variant, causal))
+
+    uses_interface = interface or (mixer and all(_routes_through_interface(m) for _, m in targets))
+    if uses_interface:
+        _register_interface()
+        _set_implementation(model)
+    report = SwapReport(
+        variant=name,
+        options=dict(options),
+        model_type=model_type,
+        route="attention_interface" if interface else "module",
+        causal=causal,
+        modules=tuple(path for path, _ in targets),
+    )
+    object.__setattr__(model, _SWAP_ATTR, report)
+    return report
+
+
+def swapped(model: nn.Module) -> SwapReport | None:
+    """The report of the swap applied to ``model``, or ``None``."""
+    return getattr(model, _SWAP_ATTR, None)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(module.parameters(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _set_implementation(model: nn.Module) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if callable(setter):
+        with contextlib.suppress(ValueError, KeyError):  # fall back to setting the config below
+            setter(INTERFACE_KEY)
+    if model.config._attn_implementation != INTERFACE_KEY:
+        model.config._attn_implementation = INTERFACE_KEY
