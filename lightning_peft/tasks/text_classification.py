@@ -1,0 +1,173 @@
+"""`TextClassifier`: a sequence classifier (pooled encoder + linear head) for any Hugging Face encoder."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from transformers import get_linear_schedule_with_warmup
+
+from lightning_peft.tasks.pretrained import encoder_from_config, load_encoder, resolve_pretrained_path
+
+Pooling = Literal["cls", "mean"]
+
+
+class TextClassifier(L.LightningModule):
+    """Encoder (``self.backbone``) -> pooling -> dropout -> linear head (``self.classifier``).
+
+    The backbone is built in ``__init__`` (not ``configure_model``): it is small enough to materialise on
+    every rank, and a tuner callback then sees the final module tree in its ``setup``. Targets for tuners are
+    the backbone's module names (``"query"``, ``"value"``, ...) and ``"classifier"`` for the head, e.g.
+    ``LoRAConfig(target_modules=["query", "value"], modules_to_save=["classifier"])``.
+
+    ``configure_optimizers`` only optimises parameters with ``requires_grad=True`` when it runs, so it follows
+    whatever a PEFT callback froze in ``setup``. Biases and norm weights (1-D tensors) get no weight decay.
+
+    Example::
+
+        from lightning_peft.tasks import TextClassificationData, TextClassifier
+
+        data = TextClassificationData(batch_size=32)  # bundled demo sentiment task
+        model = TextClassifier(num_labels=data.num_labels, pooling="mean", learning_rate=1e-3)
+        peft = PEFT(LoRAConfig(r=8, target_modules=["query", "value"], modules_to_save=["classifier"]))
+        L.Trainer(max_epochs=3, callbacks=[peft]).fit(model, data)
+
+        # tiny random model: pair with TextClassificationData(tokenizer="whitespace", vocab_size=256)
+        tiny = TextClassifier(config={"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2,
+                                      "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 256})
+
+    Args:
+        model_name_or_path: A local model folder (``save_pretrained`` output), or ``"minilm"`` / ``None`` for
+            the bundled all-MiniLM-L6-v2. Nothing is downloaded. Must be ``None`` when ``config`` is given.
+        config: Build a randomly initialised encoder from ``{"model_type": ..., <config fields>}`` instead.
+        num_labels: Number of classes (>= 2).
+        learning_rate: Peak learning rate of AdamW. The default suits adapters / LoRA; full fine-tuning wants
+            about ``2e-5``.
+        weight_decay: AdamW weight decay for matrices (biases and norm weights get none).
+        warmup_ratio: Share of the total steps spent warming up linearly from 0, then decaying linearly to 0.
+        pooling: ``"mean"`` (mask-aware average of token states; right for sentence-embedding models such as
+            MiniLM) or ``"cls"`` (the first token's state).
+        dropout: Dropout on the pooled vector before the head.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        config: dict[str, Any] | None = None,
+        num_labels: int = 2,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.06,
+        pooling: Pooling = "mean",
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean'; got {pooling!r}")
+        if num_labels < 2:
+            raise ValueError(f"num_labels must be >= 2; got {num_labels}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1); got {warmup_ratio}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        if config is not None and model_name_or_path is not None:
+            raise ValueError("give either model_name_or_path (pretrained) or config (random init), not both")
+        if config is not None:
+            self.backbone = encoder_from_config(config)
+        else:
+            self.backbone = load_encoder(resolve_pretrained_path(model_name_or_path))
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(self.backbone.config.hidden_size, num_labels)
+        self.val_acc = MulticlassAccuracy(num_labels)
+        self.val_f1 = MulticlassF1Score(num_labels, average="macro")
+        self.test_acc = MulticlassAccuracy(num_labels)
+        self.test_f1 = MulticlassF1Score(num_labels, average="macro")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Class logits.
+
+        Args:
+            input_ids: ``(B, T)`` token ids.
+            attention_mask: ``(B, T)``, 1 for tokens and 0 for padding.
+            token_type_ids: ``(B, T)`` segment ids, for models that use them.
+
+        Returns:
+            ``(B, num_labels)`` logits.
+        """
+        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        return self.classifier(self.dropout(self.pool(hidden, attention_mask)))  # (B, C)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, T, H)`` token states -> ``(B, H)`` by CLS or mask-aware mean pooling."""
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def _logits_and_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        return logits, F.cross_entropy(logits, batch["labels"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Cross-entropy on one batch, logged as ``train/loss``."""
+        _, loss = self._logits_and_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Log ``val/loss``, ``val/acc`` and macro ``val/f1`` (epoch-level)."""
+        self._evaluate(batch, "val", self.val_acc, self.val_f1)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Log ``test/loss``, ``test/acc`` and macro ``test/f1`` (epoch-level)."""
+        self._evaluate(batch, "test", self.test_acc, self.test_f1)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Predicted class ids ``(B,)``."""
+        return self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).argmax(-1)
+
+    def _evaluate(
+        self, batch: dict[str, torch.Tensor], split: str, acc: MulticlassAccuracy, f1: MulticlassF1Score
+    ) -> None:
+        logits, loss = self._logits_and_loss(batch)
+        preds, size = logits.argmax(-1), batch["labels"].shape[0]
+        acc.update(preds, batch["labels"])
+        f1.update(preds, batch["labels"])
+        self.log(f"{split}/loss", loss, batch_size=size, sync_dist=True)
+        self.log(f"{split}/acc", acc, prog_bar=split == "val", batch_size=size)
+        self.log(f"{split}/f1", f1, batch_size=size)
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        """AdamW over the parameters trainable *now* + linear warmup/decay stepped every optimizer step.
+
+        Raises:
+            RuntimeError: Nothing is trainable.
+        """
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        if not decay and not no_decay:
+            raise RuntimeError("TextClassifier has no parameter with requires_grad=True to optimise")
+        groups = [
+            {"params": params, "weight_decay": wd}
+            for params, wd in ((decay, self.hparams.weight_decay), (no_decay, 0.0))
+            if params
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
