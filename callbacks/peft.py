@@ -203,7 +203,7 @@ class PEFT(Callback):
         if self.restore_rng:
             state["rng"] = {
                 "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(),
+                "numpy": _numpy_state(),
                 "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             }
@@ -214,7 +214,24 @@ class PEFT(Callback):
         rng = state_dict.get("rng")
         if self.restore_rng and rng is not None:
             torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
+            _set_numpy_state(rng["numpy"])
             random.setstate(rng["python"])
             if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# NumPy's RNG state holds an ndarray; checkpoints loaded with torch.load(weights_only=True) take tensors only.
+def _numpy_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "kind": kind,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
+
+
+def _set_numpy_state(state: dict[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["kind"], keys, state["pos"], state["has_gauss"], state["cached"]))
