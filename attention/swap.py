@@ -375,7 +375,7 @@ def swap_attention(model: nn.Module, name: str, **options: Any) -> SwapReport:
     for path, module in targets:
         heads, head_dim = _head_shape(module, config)
         variant = build_attention(name, num_heads=heads, head_dim=head_dim, max_length=max_length, **options)
-        variant.to(device=_device_of(module))
+        variant.to(device=_device_of(module)).train(module.training)
         if mixer:
             _set_parent(model, path, TokenMixerSelfAttention(variant))
         elif interface:
