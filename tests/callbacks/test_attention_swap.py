@@ -1,0 +1,171 @@
+"""AttentionSwap: swaps in setup (before the optimizer exists), records the variant, refuses mismatches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning_peft.attention.swap import swapped
+from lightning_peft.callbacks import AttentionSwap
+from lightning_peft.callbacks.attention_swap import CHECKPOINT_KEY
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import BertConfig, BertForSequenceClassification
+
+
+def tiny_bert() -> BertForSequenceClassification:
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+class TinyClassifier(L.LightningModule):
+    def __init__(self, build_in_configure_model: bool = False) -> None:
+        super().__init__()
+        self.build_in_configure_model = build_in_configure_model
+        if not build_in_configure_model:
+            self.model = tiny_bert()
+
+    def configure_model(self) -> None:
+        if self.build_in_configure_model and not hasattr(self, "model"):
+            self.model = tiny_bert()
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        ids, mask, labels = batch
+        return self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, 64, (8, 12), generator=g)
+        mask = torch.ones(8, 12, dtype=torch.long)
+        mask[::2, 8:] = 0
+        return DataLoader(TensorDataset(ids, mask, torch.randint(0, 2, (8,), generator=g)), batch_size=4)
+
+
+def fit(tmp_path: Path, module: L.LightningModule, callback: AttentionSwap | None, **kwargs) -> L.Trainer:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        limit_train_batches=2,
+        max_epochs=kwargs.pop("max_epochs", 1),
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        callbacks=[callback] if callback else [],
+    )
+    trainer.fit(module, **kwargs)
+    return trainer
+
+
+def only_checkpoint(tmp_path: Path) -> Path:
+    (path,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    return path
+
+
+def test_swaps_in_setup_trains_variant_parameters_and_records_them(tmp_path: Path) -> None:
+    module = TinyClassifier()
+    callback = AttentionSwap("synthesizer", mode="random")
+    variant_before = {}
+
+    class Probe(L.Callback):
+        def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            variant = pl_module.model.bert.encoder.layer[0].attention.self.attention_variant
+            variant_before["logits"] = variant.random_logits.detach().clone()
+            optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+            assert id(variant.random_logits) in optimized  # swapped before configure_optimizers
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        limit_train_batches=2,
+        max_epochs=1,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        callbacks=[callback, Probe()],
+    )
+    trainer.fit(module)
+    report = swapped(module.model)
+    assert report is not None and report.variant == "synthesizer" and callback.report is report
+    variant = module.model.bert.encoder.layer[0].attention.self.attention_variant
+    assert not torch.equal(variant.random_logits, variant_before["logits"])
+    checkpoint = torch.load(only_checkpoint(tmp_path), weights_only=False)
+    assert checkpoint[CHECKPOINT_KEY] == {"variant": "synthesizer", "options": {"mode": "random"}}
+    assert any(k.endswith("attention_variant.random_logits") for k in checkpoint["state_dict"])
+
+
+def test_setup_again_is_idempotent(tmp_path: Path) -> None:
+    module = TinyClassifier()
+    callback = AttentionSwap("synthesizer", mode="random")
+    fit(tmp_path, module, callback)
+    params = dict(module.named_parameters())
+    callback.setup(module.trainer, module, "validate")
+    assert dict(module.named_parameters()) == params
+
+
+def test_resuming_with_the_same_variant_works(tmp_path: Path) -> None:
+    fit(tmp_path, TinyClassifier(), AttentionSwap("sliding_window", window=8))
+    ckpt = only_checkpoint(tmp_path)
+    fit(
+        tmp_path / "b",
+        TinyClassifier(),
+        AttentionSwap("sliding_window", window=8),
+        ckpt_path=ckpt,
+        max_epochs=2,
+    )
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "message"),
+    [
+        (AttentionSwap("sdpa"), AttentionSwap("sliding_window", window=8), "made with attention 'sdpa'"),
+        (
+            AttentionSwap("sliding_window", window=8),
+            AttentionSwap("sliding_window", window=4),
+            r"options \{'window': 8\}.*use AttentionSwap\('sliding_window', window=8\)",
+        ),
+        (None, AttentionSwap("sdpa"), "no AttentionSwap record.*drop the AttentionSwap callback"),
+    ],
+)
+def test_resuming_a_checkpoint_of_another_variant_is_refused(
+    tmp_path: Path, first: AttentionSwap | None, second: AttentionSwap, message: str
+) -> None:
+    fit(tmp_path, TinyClassifier(), first)
+    with pytest.raises(ValueError, match=message):
+        fit(tmp_path / "b", TinyClassifier(), second, ckpt_path=only_checkpoint(tmp_path), max_epochs=2)
+
+
+def test_non_strict_only_warns(tmp_path: Path) -> None:
+    fit(tmp_path, TinyClassifier(), AttentionSwap("sdpa"))
+    with pytest.warns(UserWarning, match="made with attention 'sdpa'"):
+        fit(
+            tmp_path / "b",
+            TinyClassifier(),
+            AttentionSwap("sliding_window", window=8, strict=False),
+            ckpt_path=only_checkpoint(tmp_path),
+            max_epochs=2,
+        )
+
+
+def test_model_built_in_configure_model_is_swapped_right_after(tmp_path: Path) -> None:
+    module = TinyClassifier(build_in_configure_model=True)
+    fit(tmp_path, module, AttentionSwap("sdpa", target=lambda m: m.model))
+    assert swapped(module.model) is not None
+
+
+def test_bad_arguments_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="Known variants"):
+        AttentionSwap("sliding-window")
+    with pytest.raises(ValueError, match=r"'backbone' of TinyClassifier is not an nn\.Module"):
+        fit(tmp_path, TinyClassifier(), AttentionSwap("sdpa", target="backbone"))
