@@ -18,9 +18,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_peft.tasks.demo_data import TRAIN_FILE, VAL_FILE
 from lightning_peft.tasks.pretrained import HashTokenizer, load_tokenizer
 
+# The bundled demo task, written by `lightning_peft.tasks.demo_data` (not imported here so that
+# ``python -m lightning_peft.tasks.demo_data`` runs cleanly).
+DEMO_TRAIN = Path(__file__).resolve().parent / "data" / "demo_train.csv"
+DEMO_VAL = Path(__file__).resolve().parent / "data" / "demo_val.csv"
 SUPPORTED_EXTENSIONS = (".csv", ".jsonl", ".ndjson")
 _INT_RE = re.compile(r"-?\d+")
 
@@ -181,8 +184,8 @@ class TextClassificationData(L.LightningDataModule):
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"need batch_size >= 1 and num_workers >= 0; got {batch_size}, {num_workers}")
         if train_path is None:
-            train_path = str(TRAIN_FILE)
-            val_path = str(VAL_FILE) if val_path is None else val_path
+            train_path = str(DEMO_TRAIN)
+            val_path = str(DEMO_VAL) if val_path is None else val_path
         self.paths: dict[str, str | None] = {"train": train_path, "val": val_path, "test": test_path}
         self.text_column = text_column
         self.label_column = label_column

@@ -238,10 +238,8 @@ def _clause(p: _Picker, polarity: int) -> str:
             return f"{subject} {be} never {adj}"
         return f"I would not call {subject} {adj}"
     table = VERBS if kind < 0.8 else OUTCOMES
-    while True:
-        past, base, pol = p.pick(table)  # type: ignore[misc]
-        if pol == surface:
-            break
+    same_polarity = ([x for x in table[0] if x[2] == surface], [x for x in table[1] if x[2] == surface])
+    past, base, _ = p.pick(same_polarity)  # type: ignore[misc]
     if table is VERBS:
         return f"I did not {base} {subject}" if negated else f"I {past} {subject}"
     if not negated:
