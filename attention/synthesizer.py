@@ -97,7 +97,8 @@ class SynthesizerAttention(AttentionVariant):
         """Synthesised logits ``(B or 1, H, Tq, Tk)`` before masking, ``Tk = n_keys``."""
         Tq, Tk = q.shape[2], n_keys
         if self.mode == "dense":
-            hidden = torch.relu(torch.einsum("bhtd,hde->bhte", q, self.w1) + self.b1)  # (B, H, Tq, hidden)
+            x = q.to(self.w1.dtype)  # bf16 activations with fp32 weights (and the reverse) work
+            hidden = torch.relu(torch.einsum("bhtd,hde->bhte", x, self.w1) + self.b1)  # (B, H, Tq, hidden)
             return torch.einsum("bhte,hen->bhtn", hidden, self.w2[..., :Tk]) + self.b2[..., :Tk]
         if self.mode == "random":
             return self.random_logits[None, :, :Tq, :Tk]  # (1, H, Tq, Tk)
