@@ -7,6 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 QKV = tuple[Tensor, Tensor, Tensor]
 
@@ -38,3 +39,23 @@ def qkv_factory() -> Callable[..., QKV]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any op produces inside the ``with`` block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.fixture
+def largest_tensor() -> type[LargestTensor]:
+    return LargestTensor

@@ -6,7 +6,6 @@ import pytest
 import torch
 from lightning_peft.attention import build_attention
 from lightning_peft.attention.sdpa import dense_reference
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LongformerConfig
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
 
@@ -127,21 +126,8 @@ def test_matches_hf_longformer_self_attention(with_global: bool) -> None:
     torch.testing.assert_close(out[1, :25], expected[1, :25])
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("dilation", [1, 2])
-def test_no_tensor_grows_like_n_squared(dilation: int) -> None:
+def test_no_tensor_grows_like_n_squared(dilation: int, largest_tensor) -> None:
     """At n=1024, window 16, nothing (masks included) comes near n*n elements, forward or backward."""
     n, window = 1024, 16
     q, k, v = (torch.randn(1, 1, n, 4, requires_grad=True) for _ in range(3))
@@ -150,7 +136,7 @@ def test_no_tensor_grows_like_n_squared(dilation: int) -> None:
     gm = torch.zeros(1, n, dtype=torch.bool)
     gm[0, :2] = True
     attn = build_attention("sliding_window", num_heads=1, head_dim=4, window=window, dilation=dilation)
-    with _LargestTensor() as probe:
+    with largest_tensor() as probe:
         attn(q, k, v, key_padding_mask=kpm, global_mask=gm, causal=True).sum().backward()
     assert probe.largest <= 8 * n * window, f"largest tensor has {probe.largest} elements (n*n = {n * n})"
 
