@@ -42,7 +42,9 @@ class AttentionSwap(Callback):
             (default ``"model"``; ``""`` means the LightningModule itself) or a callable
             ``pl_module -> nn.Module``.
         strict: refuse (``True``) or only warn about (``False``) a checkpoint made with another variant.
-        **options: keyword options of the variant (``window=128``, ``bucket_size=64``, ...).
+        options: the variant's options as one dict (what YAML recipes and LightningCLI use).
+        **kwargs: the variant's options as keywords (``window=128``, ``bucket_size=64``, ...), merged
+            with ``options``.
 
     Example::
 
@@ -53,6 +55,13 @@ class AttentionSwap(Callback):
             PEFT(LoRAConfig(r=8, alpha=16, target_modules=["query", "value"])),
         ])
         trainer.fit(module)   # module.model (a BertForSequenceClassification) now runs windowed attention
+
+    In a LightningCLI recipe::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_peft.callbacks.AttentionSwap
+              init_args: {name: sliding_window, target: backbone, options: {window: 32}}
     """
 
     def __init__(
@@ -61,14 +70,19 @@ class AttentionSwap(Callback):
         target: str | Callable[[L.LightningModule], nn.Module] = "model",
         *,
         strict: bool = True,
-        **options: Any,
+        options: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
         get_attention(name)  # fail at construction on an unknown name, listing the known ones
         self.name = name
         self.target = target
         self.strict = strict
-        self.options = dict(options)
+        if overlap := set(options or {}) & set(kwargs):
+            raise ValueError(
+                f"AttentionSwap: option(s) {sorted(overlap)} given both in options= and as keywords"
+            )
+        self.options = {**(options or {}), **kwargs}
         self.report: SwapReport | None = None
 
     @property

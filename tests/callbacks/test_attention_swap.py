@@ -169,3 +169,10 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
         AttentionSwap("sliding-window")
     with pytest.raises(ValueError, match=r"'backbone' of TinyClassifier is not an nn\.Module"):
         fit(tmp_path, TinyClassifier(), AttentionSwap("sdpa", target="backbone"))
+
+
+def test_options_dict_for_yaml_recipes_merges_with_keywords() -> None:
+    callback = AttentionSwap("reformer", options={"bucket_size": 8}, n_hashes=2)
+    assert callback.record == {"variant": "reformer", "options": {"bucket_size": 8, "n_hashes": 2}}
+    with pytest.raises(ValueError, match="given both"):
+        AttentionSwap("reformer", options={"bucket_size": 8}, bucket_size=4)
