@@ -58,12 +58,32 @@ def get_tuner_config(method: str) -> type[TunerConfig]:
 
 
 def config_from_dict(data: dict[str, Any]) -> TunerConfig:
-    """Rebuild a config from :meth:`TunerConfig.to_dict` output (``{"method": ..., **fields}``)."""
+    """Build a config from ``{"method": "lora", **fields}`` (the :meth:`TunerConfig.to_dict` form) or
+    from ``{"class_path": "lightning_peft.LoRAConfig", "init_args": {...}}`` (the LightningCLI form)."""
     data = dict(data)
+    if "class_path" in data:
+        cls = _import_config_class(str(data["class_path"]))
+        return cls.from_dict(dict(data.get("init_args") or {}))
     if "method" not in data:
         raise ValueError(f"a tuner config dict needs a 'method' key (one of {', '.join(available_tuners())})")
     cls = get_tuner_config(data.pop("method"))
     return cls.from_dict(data)
+
+
+def _import_config_class(class_path: str) -> type[TunerConfig]:
+    import importlib
+
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(
+            f"cannot import tuner config class_path {class_path!r}; known configs: "
+            + ", ".join(f"lightning_peft.{c.__name__}" for c in _TUNERS.values())
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, TunerConfig)):
+        raise ValueError(f"class_path {class_path!r} is not a TunerConfig subclass")
+    return cls
 
 
 def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
