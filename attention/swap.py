@@ -27,6 +27,15 @@ parameters (if it has any). Token mixers have no q/k/v: their swap drops the rep
 Not carried over: attention-probability dropout (the variants have none) and ``output_attentions`` (the
 weights are returned as ``None``). With a KV cache (generation) the cached keys reach the variant as
 prefix keys (``num_prefix = Tk - Tq``), which only variants with ``capabilities.prefix_keys`` accept.
+
+Checking transformers 4.57 (the module-replacement route) in a side environment, from the repository root::
+
+    python3 -m venv .venv457
+    .venv457/bin/pip install "torch==2.13.0" "transformers==4.57.6" lightning pytest -e .
+    .venv457/bin/pytest tests/attention/test_swap.py tests/callbacks/test_attention_swap.py
+
+(``.venv*/`` is git-ignored.) The same tests run on 5.x in the main environment; the route each family takes
+on each version is asserted by ``test_route_matches_the_transformers_version``.
 """
 
 from __future__ import annotations

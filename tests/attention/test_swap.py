@@ -275,3 +275,17 @@ def test_key_padding_from_additive_and_boolean_masks() -> None:
     expanded = real[:, None, None, :].expand(2, 1, 3, 3)
     assert torch.equal(key_padding_from_mask(expanded), real)
     assert key_padding_from_mask(torch.ones(2, 3)) is None
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_cached_generation_matches_the_unswapped_model(family: str) -> None:
+    """With a KV cache the cached keys reach the variant as prefix keys (num_prefix = Tk - Tq)."""
+    model = tiny(family)
+    swapped_model = copy.deepcopy(model)
+    swap_attention(swapped_model, "sliding_window", window=64)
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    expected = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert torch.equal(swapped_model.generate(input_ids=ids, attention_mask=mask, **kwargs), expected)
