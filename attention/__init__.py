@@ -31,3 +31,7 @@ import pkgutil as _pkgutil
 for _mod in _pkgutil.iter_modules(__path__):
     if not _mod.name.startswith("_") and _mod.name not in {"base"}:
         _importlib.import_module(f"{__name__}.{_mod.name}")
+
+from lightning_peft.attention.swap import SwapReport, swap_attention, swapped  # noqa: E402
+
+__all__ += ["SwapReport", "swap_attention", "swapped"]
