@@ -82,6 +82,9 @@ class TextClassifier(L.LightningModule):
             self.backbone = encoder_from_config(config)
         else:
             self.backbone = load_encoder(resolve_pretrained_path(model_name_or_path))
+            # `from_pretrained` returns eval mode, and Lightning >= 2.2 keeps module modes as they are, so the
+            # backbone's dropout would silently stay off during training.
+            self.backbone.train()
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.backbone.config.hidden_size, num_labels)
