@@ -140,6 +140,7 @@ def measure_memory(name: str, n: int, args: argparse.Namespace) -> dict[str, Any
         str(args.dim),
     ]
     cmd += ["--window", str(args.window), "--mem-limit-gb", str(args.mem_limit_gb)]
+    cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
     if proc.returncode != 0:
         print(f"  {name} n={n}: failed ({proc.stderr.strip().splitlines()[-1:]}); skipped from here on")
@@ -277,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--window", type=int, default=512, help="total window of sliding_window")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--mem-limit-gb", type=float, default=8.0, help="address-space limit of each memory child")
@@ -289,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.child:
         name, n = args.child[0], int(args.child[1])
         print(json.dumps(child_measure(name, n, args.heads, args.dim, args.window, args.mem_limit_gb)))
