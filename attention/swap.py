@@ -56,6 +56,8 @@ from lightning_peft.attention.base import (
 )
 from torch import Tensor, nn
 
+from lightning_peft.layers import mark
+
 __all__ = [
     "INTERFACE_KEY",
     "SwapReport",
@@ -385,6 +387,10 @@ def swap_attention(model: nn.Module, name: str, **options: Any) -> SwapReport:
         heads, head_dim = _head_shape(module, config)
         variant = build_attention(name, num_heads=heads, head_dim=head_dim, max_length=max_length, **options)
         variant.to(device=_device_of(module)).train(module.training)
+        if any(True for _ in variant.parameters()):
+            # New, randomly initialised parameters (Linformer projections, Synthesizer logits, Mixer MLPs)
+            # must train: mark them as tuner state so a PEFT callback keeps them trainable and saves them.
+            mark(variant)
         if mixer:
             _set_parent(model, path, TokenMixerSelfAttention(variant))
         elif interface:

@@ -169,3 +169,15 @@ def test_config_from_a_dict() -> None:
     assert isinstance(cb.config, lp.LoRAConfig) and cb.config.r == 2
     with pytest.raises(ValueError, match="(?s)unknown field.*rank"):
         PEFT({"method": "lora", "rank": 2})
+
+
+def test_attention_swap_with_learned_parameters_trains_under_peft(tmp_path: Path) -> None:
+    from lightning_peft.callbacks import AttentionSwap
+
+    module, snap = TinyClassifier(), _Snapshot()
+    swap = AttentionSwap("linformer", target="backbone", options={"proj_dim": 4})
+    trainer(tmp_path, [swap, PEFT(lora()), snap], max_steps=3).fit(module, tiny_loader())
+    trainable = _adapter_keys(module)
+    assert any("attention_variant" in k for k in trainable) and any("lora_" in k for k in trainable)
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p, snap.before[n])}
+    assert changed == trainable
