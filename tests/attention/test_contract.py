@@ -15,6 +15,7 @@ from lightning_peft.attention import (
     build_attention,
     get_attention,
 )
+from lightning_peft.attention.sdpa import dense_reference
 from torch import nn
 
 H, D, MAXLEN = 2, 8, 64
@@ -152,6 +153,24 @@ def test_prefix_keys_are_seen_and_masked_prefix_is_absent(name: str, qkv_factory
         kpm[:, :P] = False
         masked = module(q, k, v, num_prefix=P, key_padding_mask=kpm)
         torch.testing.assert_close(masked, without, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", QKV_VARIANTS)
+def test_global_tokens_attend_to_everything(name: str, qkv_factory) -> None:
+    """A global query's output is the dense-attention row over every real key."""
+    if not caps(name).global_tokens:
+        pytest.skip(f"{name} has no global tokens")
+    module = build(name)
+    q, k, v = qkv_factory(2, H, 40, D)
+    kpm = torch.ones(2, 40, dtype=torch.bool)
+    kpm[1, 33:] = False
+    gm = torch.zeros(2, 40, dtype=torch.bool)
+    gm[:, 0] = True
+    gm[0, 25] = True
+    out = module(q, k, v, key_padding_mask=kpm, global_mask=gm)
+    ref = dense_reference(q, k, v, key_padding_mask=kpm)
+    torch.testing.assert_close(out[0, :, [0, 25]], ref[0, :, [0, 25]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, :, 0], ref[1, :, 0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", QKV_VARIANTS)
