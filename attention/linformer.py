@@ -14,7 +14,8 @@ and so changes which columns of ``E`` a token meets: pad on the right.
 
 Limits: causal attention is impossible (each projected key mixes the future) and is refused, as are sequences
 longer than ``max_length`` and prefix-tuning keys. With ``E = F = I`` and ``proj_dim = n`` it is dense
-attention (the exact limit).
+attention on unpadded input (the exact limit); with padding, the zeroed keys then still take part as zero
+vectors (score 0), which is the price of a fixed number of projected keys.
 """
 
 from __future__ import annotations
