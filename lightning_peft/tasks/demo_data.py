@@ -28,9 +28,16 @@ training: held-out subjects ("the printer", "the cinematography"), held-out adje
 ("dreadful", "blew me away"), held-out intensifiers and held-out connectives ("A, yet B", "While A, B",
 "B, despite the fact that A"). Reviews that also occur in the training file are removed from validation.
 
-Difficulty measured here (see the tests and the task README in the report): a logistic-regression probe on
-frozen, mean-pooled all-MiniLM-L6-v2 embeddings reaches roughly 75-80% validation accuracy, a bag-of-words
-logistic regression stays well below fine-tuning, which leaves LoRA or full fine-tuning room to win.
+Difficulty, measured on the shipped validation split (2 CPU cores, scikit-learn logistic regression):
+
+- counting positive minus negative words of the generator's own lexicon: 65% (tested to stay below 75%);
+- bag-of-words logistic regression: 57% (unigrams), 61% (uni+bigrams);
+- probe on frozen, mean-pooled all-MiniLM-L6-v2 embeddings (max length 64): 72% (C=1; 66-72% for C in
+  0.1-100, 80-93% on the training split);
+- full fine-tuning of the same MiniLM with a linear head (AdamW 5e-5, batch 32, 3 epochs): 92%.
+
+So the frozen encoder alone leaves about 20 points that adapting the encoder (LoRA, adapters, full
+fine-tuning) can win; an adapter method that does not beat ~72% has learnt nothing beyond the head.
 """
 
 from __future__ import annotations
