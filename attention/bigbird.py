@@ -26,9 +26,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from lightning_peft.attention.base import AttentionVariant, Capabilities, register_attention
 from lightning_peft.attention.sliding_window import global_query_rows, select_tokens
-from torch import Tensor
 
 __all__ = ["BigBirdAttention"]
 
@@ -88,32 +89,66 @@ class BigBirdAttention(AttentionVariant):
             f"seed={self.seed}"
         )
 
-    def global_block_ids(self, nb: int) -> list[int]:
-        """Indices of the global blocks for a sequence of ``nb`` blocks."""
-        if self.global_blocks == "all":
-            return list(range(nb))
-        return sorted({b % nb for b in self.global_blocks if -nb <= b < nb})
+    def global_block_ids(self, real_blocks: Tensor, nb: int) -> Tensor:
+        """``(B, nb)`` bool: the global blocks of each sequence, counted within its REAL blocks.
 
-    def block_pattern(self, nb: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Key blocks of each query block: ``(idx, valid)``, both ``(nb, num_window_blocks + r)``.
-
-        Without ``generator`` this is the eval pattern: a fixed function of ``seed`` and ``nb``.
+        ``-1`` is the last block holding a real token, so trailing padding never moves a global block.
         """
+        ids = torch.arange(nb, device=real_blocks.device)[None, :]  # (1, nb)
+        if self.global_blocks == "all":
+            return ids < real_blocks[:, None]
+        out = torch.zeros(real_blocks.shape[0], nb, dtype=torch.bool, device=real_blocks.device)
+        for g in self.global_blocks:
+            target = g + real_blocks if g < 0 else torch.full_like(real_blocks, g)  # (B,)
+            ok = (target >= 0) & (target < real_blocks)
+            out |= (ids == target[:, None]) & ok[:, None]
+        return out
+
+    def _scores(self, rows: int, cols: int, seed: int) -> Tensor:
+        """``(rows, cols)`` uniform scores, tile by tile from ``Generator(seed, tile)``: entry (i, j) never
+        depends on ``rows``/``cols``, so a longer (padded) input keeps every earlier random choice."""
+        tile = 32
+        nr, nc = -(-rows // tile), -(-cols // tile)
+        grid = [
+            [
+                torch.rand(tile, tile, generator=torch.Generator().manual_seed(seed * 7919 + i * 104729 + j))
+                for j in range(nc)
+            ]
+            for i in range(nr)
+        ]
+        return torch.cat([torch.cat(r, 1) for r in grid], 0)[:rows, :cols]
+
+    def block_pattern(
+        self, real_blocks: Tensor, nb: int, seed: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Key blocks of each query block of each sequence.
+
+        Args:
+            real_blocks: ``(B,)`` number of blocks that hold real tokens, per sequence.
+            nb: number of blocks of the (padded) input.
+            seed: seed of the random scores; ``self.seed`` (the fixed eval pattern) by default.
+
+        Returns:
+            ``(idx, valid, global_blocks)``: ``(B, nb, num_window_blocks + r)`` block indices and their
+            validity, and the ``(B, nb)`` global blocks. A random block is never a window or global
+            block, and is drawn among the sequence's real blocks only.
+        """
+        dev = real_blocks.device
         half = self.num_window_blocks // 2
-        rows = torch.arange(nb)[:, None]
-        window = rows + torch.arange(-half, half + 1)[None, :]  # (nb, w)
+        rows = torch.arange(nb, device=dev)[:, None]
+        window = rows + torch.arange(-half, half + 1, device=dev)[None, :]  # (nb, w)
         window_valid = (window >= 0) & (window < nb)
+        glob = self.global_block_ids(real_blocks, nb)  # (B, nb)
         r = min(self.num_random_blocks, nb)
-        if generator is None:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + nb)
-        scores = torch.rand(nb, nb, generator=generator)
-        taken = (rows - torch.arange(nb)[None, :]).abs() <= half  # window blocks
-        taken[:, self.global_block_ids(nb)] = True  # global blocks are seen anyway
+        scores = self._scores(nb, nb, self.seed if seed is None else seed).to(dev)[None]  # (1, nb, nb)
+        taken = ((rows - rows.T).abs() <= half)[None] | glob[:, None, :]  # window and global blocks
+        taken = taken | (real_blocks[:, None, None] <= rows.T)  # (B, nb, nb): padding-only blocks
         scores = scores.masked_fill(taken, float("inf"))
-        rand = scores.argsort(dim=1)[:, :r]  # (nb, r): r lowest scores among the free blocks
-        rand_valid = scores.gather(1, rand) < float("inf")
-        idx = torch.cat([window.clamp(0, nb - 1), rand], 1)
-        return idx, torch.cat([window_valid, rand_valid], 1)
+        rand = scores.argsort(dim=2)[:, :, :r]  # (B, nb, r): the r lowest scores among the free blocks
+        rand_valid = scores.gather(2, rand) < float("inf")
+        B = real_blocks.shape[0]
+        idx = torch.cat([window.clamp(0, nb - 1).expand(B, nb, -1), rand], 2)
+        return idx, torch.cat([window_valid.expand(B, nb, -1), rand_valid], 2), glob
 
     def attend(
         self,
@@ -135,19 +170,21 @@ class BigBirdAttention(AttentionVariant):
             if key_padding_mask is None
             else key_padding_mask
         )
-        is_global = torch.zeros(B, nb, bs, dtype=torch.bool, device=q.device)
-        is_global[:, self.global_block_ids(nb)] = True
-        is_global = is_global.view(B, nb * bs)[:, :T]  # (B, T)
+        real = key_valid[:, P:]  # (B, T)
+        last = torch.where(real, torch.arange(1, T + 1, device=q.device), 0).amax(1)  # (B,) 1 + last real
+        real_blocks = -(-last // bs)
+        seed = self.seed
+        if self.training:  # a fresh, reproducible pattern per training forward
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._generator))
+        pattern, pattern_valid, glob = self.block_pattern(real_blocks, nb, seed)
+        is_global = glob[:, :, None].expand(B, nb, bs).reshape(B, nb * bs)[:, :T]  # (B, T)
         if global_mask is not None:
             if global_mask.shape != (B, T) or global_mask.dtype != torch.bool:
                 raise ValueError(
                     f"global_mask must be bool (B, T) = ({B}, {T}), got {tuple(global_mask.shape)}"
                 )
             is_global = is_global | global_mask
-        is_global = is_global & key_valid[:, P:]
-
-        pattern, pattern_valid = self.block_pattern(nb, self._generator if self.training else None)
-        pattern, pattern_valid = pattern.to(q.device), pattern_valid.to(q.device)
+        is_global = is_global & real
         out = self._sparse(q, k, v, key_valid, is_global, pattern, pattern_valid, P, scale)
         if bool(is_global.any()):
             gidx, gvalid = select_tokens(is_global)
@@ -170,7 +207,7 @@ class BigBirdAttention(AttentionVariant):
     ) -> Tensor:
         """Every query block against its pattern blocks plus the global/prefix keys, one fused SDPA call."""
         B, H, T, D = q.shape
-        P, bs, nb = num_prefix, self.block_size, pattern.shape[0]
+        P, bs, nb = num_prefix, self.block_size, pattern.shape[1]
         # Key sequence laid out as blocks: [nb sequence blocks | one empty block | global & prefix keys].
         gidx, gvalid = select_tokens(is_global)  # (B, G)
         gidx = torch.cat([torch.arange(P, device=q.device).expand(B, P), gidx + P], 1)  # into k's axis
@@ -187,20 +224,18 @@ class BigBirdAttention(AttentionVariant):
         band_valid = key_valid[:, P:] & ~is_global  # global keys come through the global blocks only
         valid = torch.cat([F.pad(band_valid, (0, (nb + 1) * bs - T), value=False), gvalid], 1)
         valid = valid.view(B, nb + 1 + gb, bs)
-        glob_blocks = torch.arange(nb + 1, nb + 1 + gb, device=q.device).expand(nb, gb)
-        idx = torch.cat([glob_blocks, pattern.masked_fill(~pattern_valid, nb)], 1)  # (nb, K); nb = empty
-        K = idx.shape[1]
-        kb = blocks(k)[:, :, idx].view(B, H, nb, K * bs, D)  # (B, H, nb, K*bs, D)
-        vb = blocks(v)[:, :, idx].view(B, H, nb, K * bs, D)
-        mask = valid[:, idx].view(B, 1, nb, 1, K * bs)  # the same keys for every query of a block
+        glob_blocks = torch.arange(nb + 1, nb + 1 + gb, device=q.device).expand(B, nb, gb)
+        idx = torch.cat([glob_blocks, pattern.masked_fill(~pattern_valid, nb)], 2)  # (B, nb, K); nb: empty
+        K = idx.shape[2]
+        flat = idx.reshape(B, 1, nb * K, 1)
+
+        def pick(x: Tensor) -> Tensor:  # the K key blocks of every query block, per sequence
+            xb = blocks(x).reshape(B, H, nb + 1 + gb, bs * D)
+            return xb.gather(2, flat.expand(B, H, nb * K, bs * D)).view(B * H * nb, 1, K * bs, D)
+
+        mask = valid.gather(1, flat.view(B, nb * K, 1).expand(B, nb * K, bs))  # (B, nb*K, bs)
+        mask = mask.view(B, 1, nb, 1, K * bs).expand(B, H, nb, 1, K * bs).reshape(B * H * nb, 1, 1, K * bs)
         qb = F.pad(q, (0, 0, 0, nb * bs - T)).view(B * H * nb, 1, bs, D)
-        mask = mask.expand(B, H, nb, 1, K * bs).reshape(B * H * nb, 1, 1, K * bs)
-        out = F.scaled_dot_product_attention(
-            qb,
-            kb.reshape(B * H * nb, 1, K * bs, D),
-            vb.reshape(B * H * nb, 1, K * bs, D),
-            attn_mask=mask,
-            scale=scale,
-        )
+        out = F.scaled_dot_product_attention(qb, pick(k), pick(v), attn_mask=mask, scale=scale)
         out = out * mask.any(-1, keepdim=True)  # a block with no visible key outputs zeros
         return out.view(B, H, nb * bs, D)[:, :, :T]  # (B, H, T, D)

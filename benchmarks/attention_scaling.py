@@ -42,6 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS_DIR, interleaved_times, machine_info, print_table, summarize, write_json
+
 from lightning_peft.attention import TokenMixer, available_attention, build_attention, get_attention
 
 BASELINE = "fused_sdpa"
@@ -199,7 +200,9 @@ def plot(results: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     lengths = sorted(int(x) for x in args.lengths.split(","))
     qkv_variants = [n for n in available_attention() if not issubclass(get_attention(n), TokenMixer)]
+    # The "sdpa" variant without a mask is the fused baseline itself; it runs only when named.
     variants = [v for v in args.variants.split(",") if v] if args.variants else qkv_variants
+    variants = variants if args.variants else [v for v in variants if v != "sdpa"]
     methods = [BASELINE, *variants]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}

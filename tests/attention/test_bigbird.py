@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lightning_peft.attention import build_attention
 from lightning_peft.attention.sdpa import dense_reference
 
@@ -17,14 +18,16 @@ def pattern_oracle(attn, q, k, v, kpm, num_prefix, global_mask=None):
     B, _, T, D = q.shape
     bs = attn.block_size
     nb = -(-T // bs)
-    idx, valid = attn.block_pattern(nb)
-    blocks = torch.zeros(nb, nb, dtype=torch.bool)
-    for i in range(nb):
-        blocks[i, idx[i][valid[i]]] = True
+    real = kpm[:, num_prefix:]
+    real_blocks = torch.tensor([-(-(int(torch.nonzero(r).max()) + 1) // bs) for r in real])
+    idx, valid, glob_blocks = attn.block_pattern(real_blocks, nb)
+    blocks = torch.zeros(B, nb, nb, dtype=torch.bool)
+    for b in range(B):
+        for i in range(nb):
+            blocks[b, i, idx[b, i][valid[b, i]]] = True
     of = torch.arange(T) // bs
-    allowed = blocks[of][:, of][None].expand(B, T, T).clone()
-    glob = torch.zeros(B, T, dtype=torch.bool)
-    glob[:, torch.isin(of, torch.tensor(attn.global_block_ids(nb)))] = True
+    allowed = blocks[:, of][:, :, of]  # (B, T, T)
+    glob = glob_blocks[:, of]  # (B, T)
     if global_mask is not None:
         glob |= global_mask
     allowed |= glob[:, None, :] | glob[:, :, None]
@@ -63,13 +66,27 @@ def test_matches_the_explicit_block_pattern(num_prefix: int, block_size: int, qk
 
 def test_pattern_has_window_and_distinct_random_blocks() -> None:
     attn = bigbird(block_size=4, num_random_blocks=3)
-    idx, valid = attn.block_pattern(20)
-    for i in range(20):
-        chosen = idx[i][valid[i]].tolist()
-        assert len(chosen) == len(set(chosen)), "a block is attended twice"
-        assert {max(i - 1, 0), i, min(i + 1, 19)} <= set(chosen)
-        rand = [b for b in idx[i, 3:][valid[i, 3:]].tolist()]
-        assert len(rand) == 3 and not {0, 19} & set(rand) and all(abs(b - i) > 1 for b in rand)
+    idx, valid, glob = attn.block_pattern(torch.tensor([20, 14]), 20)
+    assert glob[0].nonzero().flatten().tolist() == [0, 19]
+    assert glob[1].nonzero().flatten().tolist() == [0, 13], "-1 must be the last REAL block"
+    for b, real_blocks in enumerate((20, 14)):
+        for i in range(real_blocks):
+            chosen = idx[b, i][valid[b, i]].tolist()
+            assert len(chosen) == len(set(chosen)), "a block is attended twice"
+            assert {max(i - 1, 0), i, min(i + 1, 19)} <= set(chosen)
+            rand = idx[b, i, 3:][valid[b, i, 3:]].tolist()
+            assert len(rand) == 3 and all(abs(r - i) > 1 and 0 < r < real_blocks - 1 for r in rand)
+
+
+def test_trailing_padding_keeps_the_sparse_pattern(qkv_factory) -> None:
+    """Padding that adds whole blocks changes neither the random blocks nor which block is last (global)."""
+    attn = bigbird(block_size=4, num_random_blocks=2)
+    q, k, v = qkv_factory(1, 3, 50, 8, dtype=torch.float64)
+    ref = attn(q, k, v)
+    pad = 23
+    qp, kp, vp = (torch.cat([x, 7 * torch.randn(1, 3, pad, 8, dtype=torch.float64)], 2) for x in (q, k, v))
+    kpm = torch.arange(50 + pad)[None] < 50
+    torch.testing.assert_close(attn(qp, kp, vp, key_padding_mask=kpm)[:, :, :50], ref)
 
 
 def test_random_blocks_are_kept_in_eval(qkv_factory) -> None:
