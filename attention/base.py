@@ -115,7 +115,9 @@ class AttentionVariant(nn.Module):
         if num_heads <= 0 or head_dim <= 0:
             raise ValueError(f"num_heads and head_dim must be positive, got {num_heads} and {head_dim}")
         if self.capabilities.max_length and max_length is None:
-            raise ValueError(f"attention variant {self.name!r} needs max_length (it learns along the sequence)")
+            raise ValueError(
+                f"attention variant {self.name!r} needs max_length (it learns along the sequence)"
+            )
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.max_length = max_length
@@ -171,7 +173,8 @@ class AttentionVariant(nn.Module):
         caps = self.capabilities
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
             raise ValueError(
-                f"{self.name}: q, k, v must be (B, H, T, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+                f"{self.name}: q, k, v must be (B, H, T, D); "
+                f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
             )
         if q.shape[-1] != k.shape[-1] or k.shape[:-1] != v.shape[:-1] or q.shape[:2] != k.shape[:2]:
             raise ValueError(
@@ -182,11 +185,14 @@ class AttentionVariant(nn.Module):
             raise ValueError(f"{self.name}: head dim {q.shape[-1]} != the {self.head_dim} it was built for")
         if k.shape[2] != q.shape[2] + num_prefix:
             raise ValueError(
-                f"{self.name}: expected Tk = Tq + num_prefix = {q.shape[2]} + {num_prefix}, got Tk = {k.shape[2]}"
+                f"{self.name}: expected Tk = Tq + num_prefix = {q.shape[2]} + {num_prefix}, "
+                f"got Tk = {k.shape[2]}"
             )
         if causal and not caps.causal:
-            raise ValueError(f"attention variant {self.name!r} cannot do causal attention; choose one of "
-                             f"{', '.join(n for n in available_attention() if _caps(n).causal)}")
+            raise ValueError(
+                f"attention variant {self.name!r} cannot do causal attention; choose one of "
+                f"{', '.join(n for n in available_attention() if _caps(n).causal)}"
+            )
         if num_prefix and not caps.prefix_keys:
             raise ValueError(
                 f"attention variant {self.name!r} cannot take prefix-tuning keys; use a variant that can ("
@@ -194,12 +200,13 @@ class AttentionVariant(nn.Module):
             )
         if global_mask is not None and not caps.global_tokens:
             raise ValueError(f"attention variant {self.name!r} has no global tokens; drop global_mask")
-        if key_padding_mask is not None:
-            if key_padding_mask.shape != (k.shape[0], k.shape[2]) or key_padding_mask.dtype != torch.bool:
-                raise ValueError(
-                    f"{self.name}: key_padding_mask must be bool (B, Tk) = ({k.shape[0]}, {k.shape[2]}), "
-                    f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
-                )
+        if key_padding_mask is not None and (
+            key_padding_mask.shape != (k.shape[0], k.shape[2]) or key_padding_mask.dtype != torch.bool
+        ):
+            raise ValueError(
+                f"{self.name}: key_padding_mask must be bool (B, Tk) = ({k.shape[0]}, {k.shape[2]}), "
+                f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
         if self.max_length is not None and caps.max_length and q.shape[2] > self.max_length:
             raise ValueError(
                 f"{self.name}: sequence length {q.shape[2]} exceeds max_length={self.max_length}; "

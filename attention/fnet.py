@@ -18,8 +18,9 @@ The cost is one FFT call per distinct length in the batch.
 from __future__ import annotations
 
 import torch
-from lightning_peft.attention.base import Capabilities, TokenMixer, register_attention
 from torch import Tensor
+
+from lightning_peft.attention.base import Capabilities, TokenMixer, register_attention
 
 __all__ = ["FNetMixer", "pack_real_tokens"]
 

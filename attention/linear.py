@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning_peft.attention.base import AttentionVariant, Capabilities, register_attention
 from torch import Tensor
+
+from lightning_peft.attention.base import AttentionVariant, Capabilities, register_attention
 
 __all__ = ["LinearAttention", "causal_linear_attention", "linear_attention"]
 

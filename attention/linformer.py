@@ -24,8 +24,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from lightning_peft.attention.base import AttentionVariant, Capabilities, register_attention
 from torch import Tensor, nn
+
+from lightning_peft.attention.base import AttentionVariant, Capabilities, register_attention
 
 __all__ = ["LinformerAttention"]
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor, nn
+
 from lightning_peft.attention.base import Capabilities, TokenMixer, register_attention
 from lightning_peft.attention.fnet import pack_real_tokens
-from torch import Tensor, nn
 
 __all__ = ["TokenMixingMLP"]
 

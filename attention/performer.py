@@ -21,8 +21,9 @@ from __future__ import annotations
 import math
 
 import torch
-from lightning_peft.attention.base import AttentionVariant, Capabilities, register_attention
 from torch import Tensor
+
+from lightning_peft.attention.base import AttentionVariant, Capabilities, register_attention
 
 __all__ = ["PerformerAttention", "orthogonal_random_features"]
 

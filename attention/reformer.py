@@ -34,8 +34,9 @@ import math
 from typing import Any
 
 import torch
-from lightning_peft.attention.base import AttentionVariant, Capabilities, register_attention
 from torch import Tensor
+
+from lightning_peft.attention.base import AttentionVariant, Capabilities, register_attention
 
 __all__ = ["ReformerAttention"]
 

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from lightning_peft.attention.base import AttentionVariant, Capabilities, register_attention
 from torch import Tensor
+
+from lightning_peft.attention.base import AttentionVariant, Capabilities, register_attention
 
 __all__ = [
     "SlidingWindowAttention",

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
 from lightning_peft.attention.base import (
     AttentionVariant,
     TokenMixer,
@@ -54,8 +56,6 @@ from lightning_peft.attention.base import (
     build_attention,
     get_attention,
 )
-from torch import Tensor, nn
-
 from lightning_peft.layers import mark
 
 __all__ = [

@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 
 import torch
-from lightning_peft.attention.base import AttentionVariant, Capabilities, register_attention
 from torch import Tensor, nn
+
+from lightning_peft.attention.base import AttentionVariant, Capabilities, register_attention
 
 __all__ = ["SynthesizerAttention"]
 

@@ -1,6 +1,7 @@
 """Adapter-only checkpoints at the state-dict level.
 
-Lightning builds every checkpoint's ``"state_dict"`` through ``trainer.strategy.lightning_module_state_dict()``
+Lightning builds every checkpoint's ``"state_dict"`` through
+``trainer.strategy.lightning_module_state_dict()``
 (all ``ModelCheckpoint`` modes, ``save_weights_only=True`` included, and ``trainer.save_checkpoint``), so
 trimming there covers them all, while ``pl_module.state_dict()`` itself stays complete for the user.
 
@@ -110,5 +111,6 @@ def _validate(module: nn.Module, state_dict: dict[str, Any], meta: dict[str, Any
     if missing:
         more = f" ... ({len(missing) - 8} more)" if len(missing) > 8 else ""
         raise AdapterCheckpointError(
-            f"the checkpoint lacks {len(missing)} adapter tensor(s) this model has: {', '.join(missing[:8])}{more}"
+            f"the checkpoint lacks {len(missing)} adapter tensor(s) this model has: "
+            f"{', '.join(missing[:8])}{more}"
         )

@@ -22,10 +22,11 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning_peft.attention.base import get_attention
-from lightning_peft.attention.swap import SwapReport, swap_attention, swapped
 from torch import nn
 from typing_extensions import override
+
+from lightning_peft.attention.base import get_attention
+from lightning_peft.attention.swap import SwapReport, swap_attention, swapped
 
 __all__ = ["AttentionSwap"]
 

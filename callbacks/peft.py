@@ -19,10 +19,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning_peft.callbacks.adapter_checkpoint import install_load_hooks, make_meta, trim_state_dict
 from typing_extensions import override
 
 from lightning_peft.api import get_config, inject, param_summary
+from lightning_peft.callbacks.adapter_checkpoint import install_load_hooks, make_meta, trim_state_dict
 from lightning_peft.config import TunerConfig, config_from_dict
 from lightning_peft.fingerprint import base_fingerprint
 from lightning_peft.layers import iter_trainable_parameters

@@ -39,10 +39,8 @@ class PEFTCLI(LightningCLI):
         self._report(self._before, after)
 
     def _has_val(self) -> bool:
-        return (
-            self.datamodule is not None
-            and hasattr(self.datamodule, "val_dataloader")
-            or hasattr(self.model, "val_dataloader")
+        return (self.datamodule is not None and hasattr(self.datamodule, "val_dataloader")) or hasattr(
+            self.model, "val_dataloader"
         )
 
     def _validate(self) -> dict[str, float]:

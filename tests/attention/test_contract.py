@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
 from lightning_peft.attention import (
     AttentionVariant,
     TokenMixer,
@@ -16,7 +18,6 @@ from lightning_peft.attention import (
     get_attention,
 )
 from lightning_peft.attention.sdpa import dense_reference
-from torch import nn
 
 H, D, MAXLEN = 2, 8, 64
 QKV_VARIANTS = [n for n in available_attention() if not issubclass(get_attention(n), TokenMixer)]

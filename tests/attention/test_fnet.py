@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning_peft.attention import build_attention
-from lightning_peft.attention.fnet import FNetMixer, pack_real_tokens
 from transformers import FNetConfig
 from transformers.models.fnet.modeling_fnet import FNetBasicFourierTransform
+
+from lightning_peft.attention import build_attention
+from lightning_peft.attention.fnet import FNetMixer, pack_real_tokens
 
 
 def hf_fourier() -> FNetBasicFourierTransform:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lightning_peft.attention import build_attention
 from lightning_peft.attention.performer import orthogonal_random_features
 from lightning_peft.attention.sdpa import dense_reference

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
+
 from lightning_peft.attention import build_attention
 from lightning_peft.attention.reformer import ReformerAttention
-from torch import Tensor
 
 
 def shared_qk_reference(q: Tensor, v: Tensor, causal: bool = False) -> Tensor:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning_peft.attention import build_attention
-from lightning_peft.attention.sdpa import dense_reference
 from transformers import LongformerConfig
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
+
+from lightning_peft.attention import build_attention
+from lightning_peft.attention.sdpa import dense_reference
 
 
 def windowed_oracle(q, k, v, *, window, dilation, kpm=None, causal=False, num_prefix=0, global_mask=None):

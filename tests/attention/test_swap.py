@@ -11,7 +11,6 @@ import copy
 import pytest
 import torch
 import transformers
-from lightning_peft.attention.swap import INTERFACE_KEY, key_padding_from_mask, swap_attention, swapped
 from torch import nn
 from transformers import (
     BertConfig,
@@ -23,6 +22,8 @@ from transformers import (
     RobertaConfig,
     RobertaForSequenceClassification,
 )
+
+from lightning_peft.attention.swap import INTERFACE_KEY, key_padding_from_mask, swap_attention, swapped
 
 V5 = int(transformers.__version__.split(".")[0]) >= 5
 FAMILIES = ["bert", "roberta", "gpt2", "llama"]

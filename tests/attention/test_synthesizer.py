@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lightning_peft.attention import build_attention
 from lightning_peft.attention.synthesizer import SynthesizerAttention
 

@@ -14,9 +14,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import lightning_peft as lp  # noqa: E402
-from lightning_peft.callbacks import PEFT  # noqa: E402
-from tests.lit_helpers import TinyClassifier, tiny_loader, trainer  # noqa: E402
+import lightning_peft as lp
+from lightning_peft.callbacks import PEFT
+from tests.lit_helpers import TinyClassifier, tiny_loader, trainer
 
 
 def main(out: Path) -> None:

@@ -7,11 +7,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import BertConfig, BertForSequenceClassification
+
 from lightning_peft.attention.swap import swapped
 from lightning_peft.callbacks import AttentionSwap
 from lightning_peft.callbacks.attention_swap import CHECKPOINT_KEY
-from torch.utils.data import DataLoader, TensorDataset
-from transformers import BertConfig, BertForSequenceClassification
 
 
 def tiny_bert() -> BertForSequenceClassification:

@@ -89,7 +89,7 @@ def test_resume_restores_adapters_before_training(tmp_path: Path) -> None:
 def test_wrong_base_model_is_refused(tmp_path: Path) -> None:
     _run(tmp_path, epochs=1)
     other = TinyClassifier(seed=3)  # same architecture, different "pretrained" weights
-    with pytest.raises(AdapterCheckpointError, match="(?s)different base model.*different values"):
+    with pytest.raises(AdapterCheckpointError, match=r"(?s)different base model.*different values"):
         trainer(tmp_path, [PEFT(lora())]).fit(
             other, tiny_loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
         )
@@ -119,7 +119,7 @@ def test_missing_adapter_key_is_refused(tmp_path: Path) -> None:
 
 def test_checkpoint_without_the_callback_fails_loudly(tmp_path: Path) -> None:
     _run(tmp_path, epochs=1)
-    with pytest.raises(RuntimeError, match="Missing key|Unexpected key"):
+    with pytest.raises(RuntimeError, match=r"Missing key|Unexpected key"):
         trainer(tmp_path, []).fit(
             TinyClassifier(), tiny_loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
         )
@@ -152,13 +152,13 @@ def test_optimizer_with_frozen_params_warns(tmp_path: Path) -> None:
 
 
 def test_optimizer_missing_adapters_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="does not hold .* trainable adapter"):
+    with pytest.raises(RuntimeError, match=r"does not hold .* trainable adapter"):
         trainer(tmp_path, [PEFT(lora())], max_steps=1).fit(_StaleOptimizer(), tiny_loader())
 
 
 def test_unused_trainable_parameter_is_reported(tmp_path: Path) -> None:
     config = lp.LoRAConfig(r=2, target_modules=["query", "pooler.dense"])  # the forward never runs the pooler
-    with pytest.raises(RuntimeError, match="pooler.dense.lora_"):
+    with pytest.raises(RuntimeError, match=r"pooler.dense.lora_"):
         trainer(tmp_path, [PEFT(config, check_gradients=True)], max_steps=1).fit(
             TinyClassifier(), tiny_loader()
         )
@@ -167,7 +167,7 @@ def test_unused_trainable_parameter_is_reported(tmp_path: Path) -> None:
 def test_config_from_a_dict() -> None:
     cb = PEFT({"method": "lora", "r": 2, "target_modules": ["query"]})
     assert isinstance(cb.config, lp.LoRAConfig) and cb.config.r == 2
-    with pytest.raises(ValueError, match="(?s)unknown field.*rank"):
+    with pytest.raises(ValueError, match=r"(?s)unknown field.*rank"):
         PEFT({"method": "lora", "rank": 2})
 
 

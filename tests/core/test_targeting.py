@@ -63,7 +63,10 @@ def test_unsupported_target_type_names_leaf_layers(bert: nn.Module) -> None:
         (lambda: lp.BitFitConfig(biases="weights"), "biases='weights' is not valid"),
         (lambda: lp.LoRAConfig(target_modules=[]), "target_modules is an empty list"),
         (lambda: lp.config_from_dict({"method": "lorra"}), "did you mean 'lora'"),
-        (lambda: lp.config_from_dict({"method": "lora", "alhpa": 4}), r"(?s)unknown field.*did you mean 'alpha'"),
+        (
+            lambda: lp.config_from_dict({"method": "lora", "alhpa": 4}),
+            r"(?s)unknown field.*did you mean 'alpha'",
+        ),
     ],
 )
 def test_invalid_configs(make, match: str) -> None:
