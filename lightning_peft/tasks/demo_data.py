@@ -34,7 +34,8 @@ Difficulty, measured on the shipped validation split (2 CPU cores, scikit-learn 
 - bag-of-words logistic regression: 57% (unigrams), 61% (uni+bigrams);
 - probe on frozen, mean-pooled all-MiniLM-L6-v2 embeddings (max length 64): 72% (C=1; 66-72% for C in
   0.1-100, 80-93% on the training split);
-- full fine-tuning of the same MiniLM with a linear head (AdamW 5e-5, batch 32, 3 epochs): 92%.
+- full fine-tuning of the same MiniLM with a linear head (`TextClassifier`, AdamW 5e-5, batch 32, 2
+  epochs): 91% accuracy, 0.91 macro F1.
 
 So the frozen encoder alone leaves about 20 points that adapting the encoder (LoRA, adapters, full
 fine-tuning) can win; an adapter method that does not beat ~72% has learnt nothing beyond the head.
