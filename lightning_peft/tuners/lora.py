@@ -152,8 +152,9 @@ class LoRALinear(nn.Module):
         result = self.base_layer(x)
         if self.disabled or self.merged:
             return result
-        lora_x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        return result + (self.lora_B(self.lora_A(lora_x)) * self.scaling).to(result.dtype)
+        lora_out = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        # One fused add-with-scale instead of a scaled copy plus a sum: one full-size temporary fewer.
+        return torch.add(result, lora_out.to(result.dtype), alpha=self.scaling)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -206,7 +207,7 @@ class LoRAEmbedding(nn.Module):
         after_a = F.embedding(
             x, self.lora_embedding_A.T, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse
         )  # (..., r)
-        return result + (after_a @ self.lora_embedding_B.T) * self.scaling
+        return torch.add(result, after_a @ self.lora_embedding_B.T, alpha=self.scaling)
 
     @torch.no_grad()
     def merge(self) -> None:
