@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test test-compat lint format bench clean
 
 install: $(STAMP)
 
@@ -31,3 +31,12 @@ bench: install
 
 clean:
 	rm -rf $(VENV) lightning_logs wandb outputs *.egg-info
+
+# transformers 4.57 compatibility (the core tuners, LoRA vs peft, the callback, attention swapping).
+COMPAT := .venv457
+test-compat:
+	$(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/pip install -q -c constraints.txt "transformers==4.57.6" -e ".[test]" || \
+	  $(COMPAT)/bin/pip install -q "torch==2.13.0" "transformers==4.57.6" -e ".[test]"
+	$(COMPAT)/bin/python -m pytest -q -n 2 tests/tuners tests/core tests/callbacks/test_peft.py \
+	  tests/attention/test_swap.py tests/callbacks/test_attention_swap.py
