@@ -36,7 +36,6 @@ clean:
 COMPAT := .venv457
 test-compat:
 	$(PYTHON) -m venv $(COMPAT)
-	$(COMPAT)/bin/pip install -q -c constraints.txt "transformers==4.57.6" -e ".[test]" || \
-	  $(COMPAT)/bin/pip install -q "torch==2.13.0" "transformers==4.57.6" -e ".[test]"
+	$(COMPAT)/bin/pip install -q "torch==2.13.0" "transformers==4.57.6" -e ".[test]"
 	$(COMPAT)/bin/python -m pytest -q -n 2 tests/tuners tests/core tests/callbacks/test_peft.py \
 	  tests/attention/test_swap.py tests/callbacks/test_attention_swap.py
