@@ -107,6 +107,10 @@ class TunerConfig:
     """
 
     method: ClassVar[str] = "base"
+    #: Whether an untrained tuner leaves the model's outputs exactly unchanged. Methods that add virtual
+    #: tokens or prefix keys cannot (the extra positions change attention); the contract tests skip that
+    #: item for them.
+    identity_at_init: ClassVar[bool] = True
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None

@@ -27,6 +27,8 @@ def test_registry_holds_the_foundation_methods() -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_untrained_tuner_changes_nothing(method: str) -> None:
+    if not get_tuner_config(method)().identity_at_init:
+        pytest.skip(f"{method}: untrained virtual tokens / prefix keys change attention by nature")
     base = tiny_model("bert")
     inputs = model_inputs("bert")
     expected = first_output(base, inputs)
@@ -67,7 +69,8 @@ def test_disable_adapters_gives_the_base_model(method: str) -> None:
     model = _injected(method)
     perturb_trainable(model)
     tuned = first_output(model, model_inputs("bert"))
-    assert not torch.allclose(tuned, base_out)
+    # (Virtual-token tuners also change the output length.)
+    assert tuned.shape != base_out.shape or not torch.allclose(tuned, base_out)
     with lp.disable_adapters(model):
         torch.testing.assert_close(first_output(model, model_inputs("bert")), base_out)
     torch.testing.assert_close(first_output(model, model_inputs("bert")), tuned, rtol=0, atol=0)
