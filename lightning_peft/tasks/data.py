@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_peft.tasks.pretrained import HashTokenizer, load_tokenizer
+from lightning_peft.tasks.resumable import ResumableDataLoader
 
 # The bundled demo task, written by `lightning_peft.tasks.demo_data` (not imported here so that
 # ``python -m lightning_peft.tasks.demo_data`` runs cleanly).
@@ -235,9 +236,18 @@ class TextClassificationData(L.LightningDataModule):
             self.datasets[split] = self._encode(split)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches in a seeded order."""
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader("train", shuffle=True, generator=generator)
+        """Shuffled training batches in a seeded per-epoch order that resumes mid-epoch exactly."""
+        if "train" not in self.datasets:
+            self.setup("fit")
+        return ResumableDataLoader(
+            self.datasets["train"],  # type: ignore[arg-type]
+            seed=self.seed,
+            trainer_ref=lambda: getattr(self, "trainer", None),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=PadCollator(self.pad_token_id),
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in file order, or ``[]`` when there is no validation file."""
