@@ -171,13 +171,32 @@ def test_config_from_a_dict() -> None:
         PEFT({"method": "lora", "rank": 2})
 
 
-def test_attention_swap_with_learned_parameters_trains_under_peft(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("variant", "options", "config"),
+    [
+        ("linformer", {"proj_dim": 4}, lora()),
+        (
+            "sliding_window",
+            {"window": 4},
+            lp.BottleneckConfig(style="houlsby", modules_to_save=["classifier"]),
+        ),
+        ("performer", {"nb_features": 8}, lp.BitFitConfig(exclude_modules=["pooler.dense"])),
+    ],
+    ids=["linformer+lora", "window+houlsby", "performer+bitfit"],
+)
+def test_attention_swap_combines_with_every_tuner(
+    tmp_path: Path, variant: str, options: dict, config: lp.TunerConfig
+) -> None:
     from lightning_peft.callbacks import AttentionSwap
 
     module, snap = TinyClassifier(), _Snapshot()
-    swap = AttentionSwap("linformer", target="backbone", options={"proj_dim": 4})
-    trainer(tmp_path, [swap, PEFT(lora()), snap], max_steps=3).fit(module, tiny_loader())
+    swap = AttentionSwap(variant, target="backbone", options=options)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, [swap, PEFT(config), snap, ckpt], max_steps=3).fit(module, tiny_loader())
     trainable = _adapter_keys(module)
-    assert any("attention_variant" in k for k in trainable) and any("lora_" in k for k in trainable)
+    # Variants with learned parameters (Linformer's projections) train next to the tuner.
+    assert any("attention_variant" in k for k in trainable) == (variant == "linformer")
     changed = {n for n, p in module.named_parameters() if not torch.equal(p, snap.before[n])}
     assert changed == trainable
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert set(saved["state_dict"]) - {META_KEY} == trainable
