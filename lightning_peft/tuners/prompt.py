@@ -73,6 +73,18 @@ def _cache_length(cache: Any) -> int:
     return int(cache[0][0].shape[-2])  # legacy tuple-of-tuples cache: (B, H, T, D)
 
 
+def call_kwargs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A forward call's positional arguments turned into keywords (by ``model.forward``'s signature)."""
+    if not args:
+        return dict(kwargs)
+    names = [
+        p.name
+        for p in inspect.signature(model.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return {**dict(zip(names, args, strict=False)), **kwargs}
+
+
 class VirtualTokens(nn.Module):
     """Base of the prompt modules: ``forward()`` returns the ``(n, d)`` virtual-token embeddings; the
     pre-hook :meth:`insert` puts them in front of a Hugging Face model's inputs."""
@@ -89,12 +101,7 @@ class VirtualTokens(nn.Module):
         """Forward pre-hook (``with_kwargs=True``) on the Hugging Face model ``model``."""
         if self.disabled:
             return args, kwargs
-        names = [
-            p.name
-            for p in inspect.signature(model.forward).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-        kw = {**dict(zip(names, args, strict=False)), **kwargs}
+        kw = call_kwargs(model, args, kwargs)
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         ref = ids if ids is not None else embeds
         if ref is None:

@@ -1,0 +1,313 @@
+"""Prefix tuning (Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation").
+
+Every self-attention layer ``i`` gets ``l`` learned key and value vectors ``P_k^i, P_v^i`` (l x w, with
+``w = heads * head_dim``) that every query attends to next to the real keys:
+``softmax(q [P_k; K]^T / sqrt(D)) [P_v; V]``. During training the prefixes may come from an MLP over
+``l`` learned embeddings (``projection=True``: ``E (l x w) -> Linear(w, h) -> tanh -> Linear(h, 2 L w)``),
+which the paper found more stable; :func:`fold_prefix` afterwards replaces the MLP by its output (plain
+prefixes, ``2 L l w`` numbers, outputs unchanged).
+
+Injection is at the attention level, not through ``past_key_values``: the model's attention function is
+wrapped through ``transformers.AttentionInterface`` (key ``"lightning_peft_prefix"``, with a matching
+``AttentionMaskInterface`` entry that hands over the compact key-padding mask). The wrapper prepends layer
+``i``'s prefix to the key/value states it receives (after the KV cache update, so generation with a cache
+works and the cache holds real tokens only), extends the mask with ``l`` always-visible keys (causality is
+bottom-right aligned), and runs dense SDPA, or, when an efficient variant was swapped in first
+(:func:`lightning_peft.attention.swap_attention`), that variant with ``num_prefix`` keys; variants without
+``capabilities.prefix_keys`` are refused at injection.
+
+Positions: as in Li & Liang's and Hugging Face PEFT's ``past_key_values`` implementations, the real tokens
+start at position ``l`` (``shift_positions=True``); with ``False`` they keep the positions they would have
+without a prefix. The tensor layout and names (``prompt_encoder.embedding``, ``.transform``) follow PEFT, so
+its prefix weights move over as they are. Supported: BERT/RoBERTa (encoder or decoder), GPT-2, Llama.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_peft.attention.base import available_attention, get_attention
+from lightning_peft.attention.swap import (
+    _padding_mask_function,
+    _repeat_kv,
+    _routes_through_interface,
+    _variant_attention,
+    key_padding_from_mask,
+    swapped,
+)
+from lightning_peft.config import TunerConfig, check_positive, register_tuner
+from lightning_peft.layers import mark
+from lightning_peft.tuners.prompt import (
+    PROMPT_ATTR,
+    _cache_length,
+    _check_tokens,
+    call_kwargs,
+    check_prompt_fields,
+    hf_root,
+)
+
+__all__ = ["PREFIX_KEY", "PrefixEncoder", "PrefixTuningConfig", "fold_prefix", "inject_prefix"]
+
+PREFIX_KEY = "lightning_peft_prefix"
+_LAYER_ATTR = "_lp_prefix"
+
+# model_type -> self-attention class names; always causal?
+_ATTENTION: dict[str, tuple[tuple[str, ...], bool]] = {
+    "bert": (("BertSelfAttention", "BertSdpaSelfAttention"), False),
+    "roberta": (("RobertaSelfAttention", "RobertaSdpaSelfAttention"), False),
+    "gpt2": (("GPT2Attention",), True),
+    "llama": (("LlamaAttention",), True),
+    "mistral": (("MistralAttention",), True),
+    "qwen2": (("Qwen2Attention",), True),
+}
+
+
+class PrefixEncoder(nn.Module):
+    """Per-layer prefixes: ``layer_kv(i)`` is ``(2, H, l, D)`` (keys, values) for attention layer ``i``.
+
+    ``embedding.weight`` is ``(l, 2 L w)`` (plain) or ``(l, w)`` with the ``transform`` MLP; the output's
+    last axis is laid out ``(L, 2, H, D)`` (layer, key/value, head, head dim).
+    """
+
+    def __init__(self, n: int, layers: int, heads: int, head_dim: int, hidden: int | None) -> None:
+        super().__init__()
+        self.num_virtual_tokens, self.num_layers, self.heads, self.head_dim = n, layers, heads, head_dim
+        width = heads * head_dim
+        self.transform: nn.Sequential | None = None
+        if hidden is None:
+            self.embedding = nn.Embedding(n, layers * 2 * width)
+        else:
+            self.embedding = nn.Embedding(n, width)
+            self.transform = nn.Sequential(
+                nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, layers * 2 * width)
+            )
+        self.disabled = False
+        self.shift_positions = True
+        self.causal = False
+        mark(self)
+
+    def layer_kv(self, i: int) -> Tensor:
+        w2 = 2 * self.heads * self.head_dim
+        rows = slice(i * w2, (i + 1) * w2)
+        if self.transform is None:
+            flat = self.embedding.weight[:, rows]  # (l, 2w)
+        else:  # only layer i's slice of the output projection: one MLP's cost over all layers
+            hidden = self.transform[1](self.transform[0](self.embedding.weight))  # (l, h)
+            out = self.transform[2]
+            flat = F.linear(hidden, out.weight[rows], out.bias[rows])  # (l, 2w)
+        return flat.view(-1, 2, self.heads, self.head_dim).permute(1, 2, 0, 3)  # (2, H, l, D)
+
+    def all_prefixes(self) -> Tensor:
+        """``(l, 2 L w)``: every layer's prefix, the plain (folded) table."""
+        if self.transform is None:
+            return self.embedding.weight
+        return self.transform(self.embedding.weight)
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Replace the MLP by its output: plain prefixes, same attention inputs."""
+        if self.transform is None:
+            return
+        table = self.all_prefixes().detach().clone()
+        self.embedding = nn.Embedding(*table.shape, device=table.device, dtype=table.dtype)
+        self.embedding.weight.copy_(table)
+        self.transform = None
+        self.embedding.weight.requires_grad_(True)
+
+    def shift(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """Forward pre-hook on the Hugging Face model: real tokens start at position ``l``."""
+        if model.config._attn_implementation != PREFIX_KEY:
+            raise RuntimeError(
+                f"prefix tuning runs through the attention implementation {PREFIX_KEY!r}, but the model now "
+                f"uses {model.config._attn_implementation!r} (attention swapped after injection?): swap the "
+                "attention first, then inject the prefix"
+            )
+        if self.disabled or not self.shift_positions:
+            return args, kwargs
+        kwargs = call_kwargs(model, args, kwargs)
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            ref = kwargs.get("input_ids")
+            ref = ref if ref is not None else kwargs.get("inputs_embeds")
+            if ref is None:
+                return (), kwargs
+            past = _cache_length(kwargs.get("past_key_values"))
+            pos = torch.arange(past, past + ref.shape[1], device=ref.device)[None]
+        return (), {**kwargs, "position_ids": pos + self.num_virtual_tokens}
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_virtual_tokens={self.num_virtual_tokens}, layers={self.num_layers}, "
+            f"projection={self.transform is not None}"
+        )
+
+
+def _prefix_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """``AttentionInterface`` entry: prepend layer ``i``'s prefix to ``(B, H, T, D)`` keys and values."""
+    padding = key_padding_from_mask(attention_mask, key.shape[2])  # (B, Tk) or None
+    entry = module.__dict__.get(_LAYER_ATTR)
+    if entry is not None and not entry[0].disabled:
+        encoder, index = entry
+        B, n = key.shape[0], encoder.num_virtual_tokens
+        pk, pv = encoder.layer_kv(index).to(key.dtype)  # (H, l, D) each
+        key = torch.cat([pk.expand(B, -1, -1, -1), key], dim=2)
+        value = torch.cat([pv.expand(B, -1, -1, -1), value], dim=2)
+        if padding is not None:
+            padding = torch.cat([padding.new_ones(B, n), padding], dim=1)
+    if module._modules.get("attention_variant") is not None:  # a swapped variant takes num_prefix keys
+        return _variant_attention(module, query, key, value, padding, scaling, dropout, **kwargs)
+    groups = int(getattr(module, "num_key_value_groups", 1))
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    tq, tk = query.shape[2], key.shape[2]
+    mask = None if padding is None else padding[:, None, None, :]  # (B, 1, 1, Tk)
+    causal = entry[0].causal if entry is not None else bool(getattr(module, "is_causal", False))
+    if causal and tq > 1:  # bottom-right aligned: query i sees keys j <= i + (Tk - Tq), prefixes included
+        j = torch.arange(tk, device=query.device)
+        allowed = j[None, :] <= torch.arange(tq, device=query.device)[:, None] + (tk - tq)  # (Tq, Tk)
+        mask = allowed if mask is None else mask & allowed
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling
+    )
+    return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PREFIX_KEY, _prefix_attention)
+    AttentionMaskInterface.register(PREFIX_KEY, _padding_mask_function)
+
+
+def _check_swap(root: nn.Module) -> None:
+    report = swapped(root)
+    if report is None:
+        return
+    caps = get_attention(report.variant).capabilities
+    if report.route != "attention_interface" or not caps.prefix_keys:
+        raise ValueError(
+            f"prefix tuning cannot run on this model: its attention was swapped to {report.variant!r} "
+            f"(route {report.route!r}), which cannot take prefix keys (capabilities.prefix_keys is False). "
+            "Swap to a variant that can: "
+            + ", ".join(n for n in available_attention() if get_attention(n).capabilities.prefix_keys)
+        )
+
+
+def inject_prefix(
+    model: nn.Module,
+    n: int,
+    hidden: int | None,
+    *,
+    shift_positions: bool = True,
+    owner: str = "PrefixTuningConfig",
+) -> str:
+    """Attach a :class:`PrefixEncoder` to every self-attention layer of the Hugging Face model in ``model``.
+
+    Returns the qualified name of the prefix module.
+    """
+    root = hf_root(model, owner)
+    config = root.config
+    family = config.model_type
+    if family not in _ATTENTION:
+        raise ValueError(
+            f"{owner}: prefix keys enter each layer's attention through transformers' AttentionInterface, "
+            f"which is wired for {', '.join(sorted(_ATTENTION))}; model family {family!r} cannot take them"
+        )
+    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
+        raise ValueError(
+            f"{owner}: relative position scores (position_embedding_type) cannot cover prefix keys"
+        )
+    names, always_causal = _ATTENTION[family]
+    layers = [
+        m
+        for path, m in root.named_modules()
+        if type(m).__name__ in names
+        and "crossattention" not in path
+        and not getattr(m, "is_cross_attention", 0)
+    ]
+    if not layers or not all(_routes_through_interface(m) for m in layers):
+        raise ValueError(
+            f"{owner}: {type(root).__name__}'s attention does not run through AttentionInterface"
+        )
+    _check_swap(root)
+    if PROMPT_ATTR in root._modules:
+        raise ValueError(f"{owner}: {type(root).__name__} already has a {PROMPT_ATTR!r} module")
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(layers[0], "head_dim", None) or getattr(layers[0], "attention_head_size", None)
+    encoder = PrefixEncoder(n, len(layers), int(kv_heads), int(head_dim), hidden)
+    weight = root.get_input_embeddings().weight
+    encoder.to(device=weight.device, dtype=weight.dtype)
+    encoder.shift_positions = shift_positions
+    encoder.causal = always_causal or bool(getattr(config, "is_decoder", False))
+    root.add_module(PROMPT_ATTR, encoder)
+    for i, layer in enumerate(layers):
+        layer.__dict__[_LAYER_ATTR] = (encoder, i)  # a plain reference: the parameters live on the root
+    root.register_forward_pre_hook(encoder.shift, with_kwargs=True)
+    _register()  # a variant swapped in before (INTERFACE_KEY) is reached from inside the wrapper
+    setter = getattr(root, "set_attn_implementation", None)
+    if callable(setter):
+        with contextlib.suppress(ValueError, KeyError):
+            setter(PREFIX_KEY)
+    if config._attn_implementation != PREFIX_KEY:
+        config._attn_implementation = PREFIX_KEY
+    path = next(name for name, m in model.named_modules() if m is root)
+    return f"{path}.{PROMPT_ATTR}" if path else PROMPT_ATTR
+
+
+def fold_prefix(model: nn.Module) -> None:
+    """Fold the prefix MLP of every :class:`PrefixEncoder` in ``model`` into plain prefixes."""
+    encoders = [m for m in model.modules() if isinstance(m, PrefixEncoder)]
+    if not encoders:
+        raise ValueError(f"{type(model).__name__} has no prefix-tuning prefixes to fold")
+    for encoder in encoders:
+        encoder.fold()
+
+
+@register_tuner("prefix")
+@dataclass(kw_only=True)
+class PrefixTuningConfig(TunerConfig):
+    """Prefix tuning hyper-parameters.
+
+    Attributes:
+        num_virtual_tokens: prefix length ``l`` (> 0) per layer.
+        projection: produce the prefixes with an MLP during training (fold it with :func:`fold_prefix`).
+        encoder_hidden_size: the MLP's hidden width ``h``.
+        shift_positions: real tokens start at position ``l`` (Li & Liang, PEFT); ``False`` keeps positions.
+
+    Example::
+
+        PrefixTuningConfig(num_virtual_tokens=30, projection=True, encoder_hidden_size=512)
+    """
+
+    #: Untrained prefix keys still take attention weight: outputs change.
+    identity_at_init = False
+
+    num_virtual_tokens: int = 20
+    projection: bool = False
+    encoder_hidden_size: int = 512
+    shift_positions: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_prompt_fields(self, "PrefixTuningConfig")
+        _check_tokens("PrefixTuningConfig", self.num_virtual_tokens)
+        check_positive("PrefixTuningConfig", "encoder_hidden_size", self.encoder_hidden_size)
+
+    def apply(self, model: nn.Module) -> list[str]:
+        hidden = self.encoder_hidden_size if self.projection else None
+        return [inject_prefix(model, self.num_virtual_tokens, hidden, shift_positions=self.shift_positions)]
