@@ -5,6 +5,7 @@ Usage::
     lightning-peft fit --config configs/minilm_lora.yaml
     lightning-peft fit --config configs/minilm_lora.yaml --ckpt_path last      # resume after a crash/kill
     lightning-peft fit --config configs/minilm_lora.yaml --trainer.max_epochs 5  # override anything
+    lightning-peft export --checkpoint last.ckpt --base minilm --module backbone --format peft --out DIR
 
 ``fit`` validates once before training and once after, then prints what a practitioner asks first:
 trainable / total parameters, checkpoint size on disk, validation metrics before and after. The same
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +93,15 @@ def _fmt(value: float | None) -> str:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry point ``lightning-peft``."""
+    """Console entry point ``lightning-peft``: ``export`` goes to :mod:`lightning_peft.export_cli`, every
+    other subcommand (``fit``, ``validate``, ...) to LightningCLI."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["export"]:
+        from lightning_peft.export_cli import main as export_main
+
+        export_main(argv[1:])
+        return
     PEFTCLI(
         model_class=None,
         datamodule_class=None,

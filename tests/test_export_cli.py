@@ -1,0 +1,82 @@
+"""``lightning-peft export`` end to end: train a tiny run, export its checkpoint, load the result without
+lightning_peft (peft for the adapter folder, plain transformers for the merged model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+import lightning_peft as lp
+from lightning_peft.callbacks import PEFT
+from lightning_peft.cli import main
+from tests.conftest import tiny_model
+from tests.lit_helpers import TinyClassifier, tiny_loader, trainer
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, TinyClassifier]:
+    """A base folder, a trained adapter-only checkpoint, and the trained module (seconds)."""
+    root = tmp_path_factory.mktemp("export_cli")
+    tiny_model("bert", seed=0).save_pretrained(root / "base")  # TinyClassifier(seed=0)'s backbone
+    module = TinyClassifier(seed=0)
+    config = lp.LoRAConfig(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"])
+    ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0)
+    trainer(root, [PEFT(config), ckpt], max_steps=4).fit(module, tiny_loader())
+    return root / "base", root / "ckpt" / "last.ckpt", module.eval()
+
+
+def _hidden(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.randint(2, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=ids).last_hidden_state
+
+
+def _export(ckpt: Path, base: Path, out: Path, fmt: str, *extra: str) -> None:
+    args = ["--checkpoint", str(ckpt), "--base", str(base), "--module", "backbone", "--format", fmt]
+    main(["export", *args, "--out", str(out), *extra])
+
+
+def test_export_peft_folder_loads_in_peft(run, tmp_path: Path, capsys) -> None:
+    base, ckpt, module = run
+    _export(ckpt, base, tmp_path / "adapter", "peft")
+    assert "adapter_model.safetensors" in capsys.readouterr().out
+    expected = _hidden(module.backbone)
+    assert not torch.allclose(expected, _hidden(AutoModel.from_pretrained(base)), atol=1e-4)
+    theirs = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(base), tmp_path / "adapter").eval()
+    torch.testing.assert_close(_hidden(theirs), expected, rtol=0, atol=1e-5)
+    # The LightningModule's own head is kept next to it, under its LightningModule names.
+    extras = load_file(tmp_path / "adapter" / "extra_tensors.safetensors")
+    assert set(extras) == {"classifier.weight", "classifier.bias"}
+    assert torch.equal(extras["classifier.weight"], module.classifier.weight.detach())
+
+
+def test_export_merged_loads_in_plain_transformers(run, tmp_path: Path) -> None:
+    base, ckpt, module = run
+    _export(ckpt, base, tmp_path / "merged", "merged")
+    assert not any("lora_" in k for k in load_file(tmp_path / "merged" / "model.safetensors"))
+    plain = AutoModel.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(_hidden(plain), _hidden(module.backbone), rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_another_base(run, tmp_path: Path, capsys) -> None:
+    _, ckpt, _ = run
+    tiny_model("bert", seed=3).save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit) as exit_info:
+        _export(ckpt, tmp_path / "other", tmp_path / "out", "peft")
+    assert exit_info.value.code == 2
+    assert "not the model these adapters were trained on" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_wrong_module_path(run, tmp_path: Path, capsys) -> None:
+    base, ckpt, _ = run
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", str(ckpt), "--base", str(base), "--module", "model", "--out", "x"])
+    assert "Top-level names in it: ['backbone']" in capsys.readouterr().err
