@@ -1,0 +1,353 @@
+"""The unified view of parameter-efficient tuning (He et al. 2022, "Towards a Unified View of
+Parameter-Efficient Transfer Learning").
+
+Adapters, prefix tuning and LoRA all add a modification ``Δh`` to some hidden representation ``h``. They
+differ along four axes, which :class:`DesignPoint` names:
+
+* ``form``: the function computing ``Δh``: ``"bottleneck"`` (``up(act(down(x)))``), ``"lowrank"``
+  (``B A x``, LoRA) or ``"prefix"`` (attention over ``l`` learned keys/values);
+* ``at``: the modified representation: ``"attention"`` (the attention sub-layer's output, or its q/v
+  projections for the low-rank form), ``"attention_heads"`` (each head's output: prefix tuning) or ``"ffn"``;
+* ``insertion``: ``"sequential"`` (``Δh`` computed from ``h`` itself: ``h + Δh(h)``) or ``"parallel"``
+  (computed from the sub-layer's input ``x``: ``h + Δh(x)``);
+* ``composition``: ``"add"``, ``"scaled_add"`` (``h + s Δh``) or ``"gated_add"`` (``h + σ(g(x)) Δh``, a
+  learned per-token gate).
+
+The named methods are presets (:data:`PRESETS`): ``adapter``/``houlsby`` and ``pfeiffer`` (sequential
+bottlenecks: the very modules of :class:`~lightning_peft.tuners.bottleneck.BottleneckConfig`), ``lora``
+(parallel low-rank at attention, scaled), ``prefix`` (prefix at attention heads, gated by the softmax),
+``parallel`` / ``scaled_parallel`` (parallel bottleneck at the FFN, reduction 2, ``s = 1`` / ``4``) and
+``mam`` (prefix ``l = 30`` at attention + scaled parallel bottleneck 512, ``s = 4``, at the FFN). A new
+point needs no code, e.g. a gated parallel adapter at attention::
+
+    UnifiedConfig(points=[{"form": "bottleneck", "at": "attention", "insertion": "parallel",
+                           "composition": "gated_add", "bottleneck_size": 16}])
+
+Parallel insertion reads the sub-layer input with a forward pre-hook on the sub-layer's first projection
+(BERT ``attention.self.query`` / ``intermediate.dense``, GPT-2 ``c_attn`` / ``c_fc``, Llama ``q_proj`` /
+``gate_proj``) and adds ``Δh(x)`` to its output projection's result. Multi-head parallel adapters
+(``at="attention_heads"`` with a bottleneck) are not implemented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
+from lightning_peft.families import detect_family, part_regex
+from lightning_peft.layers import mark, replace_module
+from lightning_peft.targeting import block_index, find_modules
+from lightning_peft.tuners.bottleneck import ACTIVATIONS, AdapterAfter, BottleneckAdapter, _output_width
+from lightning_peft.tuners.lora import LoRAConfig
+from lightning_peft.tuners.prefix import inject_prefix
+
+__all__ = ["PRESETS", "DesignPoint", "GatedBranch", "ParallelAdapter", "UnifiedConfig"]
+
+FORMS = ("bottleneck", "lowrank", "prefix")
+SITES = ("attention", "attention_heads", "ffn")
+INSERTIONS = ("sequential", "parallel")
+COMPOSITIONS = ("add", "scaled_add", "gated_add")
+
+# The first projection reading each sub-layer's input, per family (the parallel branch reads the same x).
+_INPUTS: dict[str, dict[str, str]] = {
+    "bert": {
+        "attention": r"encoder\.layer\.\d+\.attention\.self\.query",
+        "ffn": r"encoder\.layer\.\d+\.intermediate\.dense",
+    },
+    "gpt2": {"attention": r"h\.\d+\.attn\.c_attn", "ffn": r"h\.\d+\.mlp\.c_fc"},
+    "llama": {"attention": r"layers\.\d+\.self_attn\.q_proj", "ffn": r"layers\.\d+\.mlp\.gate_proj"},
+}
+_INPUTS.update({f: _INPUTS["bert"] for f in ("roberta", "xlm-roberta", "camembert", "electra")})
+_INPUTS.update({f: _INPUTS["llama"] for f in ("mistral", "qwen2")})
+
+
+@dataclass(kw_only=True)
+class DesignPoint:
+    """One modification: where it goes and how it combines (see the module docstring).
+
+    Attributes:
+        form: ``"bottleneck"``, ``"lowrank"`` or ``"prefix"``.
+        at: ``"attention"``, ``"attention_heads"`` or ``"ffn"``.
+        insertion: ``"sequential"`` or ``"parallel"``.
+        composition: ``"add"``, ``"scaled_add"`` or ``"gated_add"``.
+        bottleneck_size: bottleneck width, LoRA rank or prefix length (``None``: from ``reduction_factor``
+            for bottlenecks, 8 for LoRA, 20 for prefixes).
+        reduction_factor: bottleneck width ``d // reduction_factor`` when ``bottleneck_size`` is None.
+        scale: ``s`` of ``scaled_add``.
+        activation: the bottleneck's non-linearity.
+        prefix_projection_size: the prefix MLP's hidden width (``None``: plain prefixes).
+    """
+
+    form: str
+    at: str
+    insertion: str
+    composition: str = "add"
+    bottleneck_size: int | None = None
+    reduction_factor: float = 16.0
+    scale: float = 1.0
+    activation: str = "relu"
+    prefix_projection_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("form", FORMS), ("at", SITES), ("insertion", INSERTIONS)):
+            check_choice("DesignPoint", name, getattr(self, name), list(allowed))
+        check_choice("DesignPoint", "composition", self.composition, list(COMPOSITIONS))
+        check_choice("DesignPoint", "activation", self.activation, list(ACTIVATIONS))
+        check_positive("DesignPoint", "reduction_factor", self.reduction_factor)
+        check_positive("DesignPoint", "scale", self.scale)
+        if self.bottleneck_size is not None:
+            check_positive("DesignPoint", "bottleneck_size", self.bottleneck_size)
+        if self.composition != "scaled_add" and self.scale != 1.0:
+            raise ValueError(f"DesignPoint.scale={self.scale} needs composition='scaled_add'")
+        wanted = {
+            "prefix": ("attention_heads", "parallel", "gated_add"),
+            "lowrank": (None, "parallel", "scaled_add"),
+        }.get(self.form)
+        if wanted is not None:
+            at, insertion, composition = wanted
+            if (at and self.at != at) or self.insertion != insertion or self.composition != composition:
+                raise ValueError(
+                    f"DesignPoint form={self.form!r} is defined at={at or 'attention/ffn'!r}, "
+                    f"insertion={insertion!r}, composition={composition!r} (He et al. 2022, table 1); got "
+                    f"at={self.at!r}, insertion={self.insertion!r}, composition={self.composition!r}"
+                )
+        if self.form == "lowrank" and self.at == "attention_heads":
+            raise ValueError("DesignPoint form='lowrank' modifies 'attention' (q/v) or 'ffn' projections")
+        if self.form == "bottleneck" and self.at == "attention_heads":
+            raise ValueError(
+                "multi-head parallel adapters (bottleneck at 'attention_heads') are not implemented"
+            )
+
+
+PRESETS: dict[str, list[dict[str, Any]]] = {
+    "houlsby": [
+        {"form": "bottleneck", "at": "attention", "insertion": "sequential"},
+        {"form": "bottleneck", "at": "ffn", "insertion": "sequential"},
+    ],
+    "pfeiffer": [{"form": "bottleneck", "at": "ffn", "insertion": "sequential"}],
+    "lora": [{"form": "lowrank", "at": "attention", "insertion": "parallel", "composition": "scaled_add"}],
+    "prefix": [
+        {"form": "prefix", "at": "attention_heads", "insertion": "parallel", "composition": "gated_add"}
+    ],
+    "parallel": [{"form": "bottleneck", "at": "ffn", "insertion": "parallel", "reduction_factor": 2.0}],
+    "scaled_parallel": [
+        {
+            "form": "bottleneck",
+            "at": "ffn",
+            "insertion": "parallel",
+            "reduction_factor": 2.0,
+            "composition": "scaled_add",
+            "scale": 4.0,
+        },
+    ],
+    "mam": [
+        {
+            "form": "prefix",
+            "at": "attention_heads",
+            "insertion": "parallel",
+            "composition": "gated_add",
+            "bottleneck_size": 30,
+        },
+        {
+            "form": "bottleneck",
+            "at": "ffn",
+            "insertion": "parallel",
+            "bottleneck_size": 512,
+            "composition": "scaled_add",
+            "scale": 4.0,
+        },
+    ],
+}
+PRESETS["adapter"] = PRESETS["houlsby"]
+
+
+class GatedBranch(nn.Module):
+    """``Δh(x) = s * σ(gate(x)) * up(act(down(x)))`` (``σ`` only for the gated composition); ``up`` starts
+    at zero so the branch starts at exactly zero."""
+
+    def __init__(self, d: int, m: int, *, activation: str, scale: float, gated: bool) -> None:
+        super().__init__()
+        self.down = nn.Linear(d, m)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(m, d)
+        self.gate = nn.Linear(d, 1) if gated else None
+        self.scale = scale
+        with torch.no_grad():
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+        mark(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.up(self.act(self.down(x))) * self.scale
+        return out if self.gate is None else out * torch.sigmoid(self.gate(x))
+
+
+class _Residual(nn.Module):
+    """Sequential insertion of a branch: ``h + Δh(h)``."""
+
+    def __init__(self, branch: GatedBranch) -> None:
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + self.branch(h)
+
+
+class ParallelAdapter(nn.Module):
+    """Wraps a sub-layer's output projection ``base_layer``: its result plus ``Δh(x)`` of the sub-layer's
+    input ``x``, which :meth:`capture` (a forward pre-hook on the sub-layer's first projection) records."""
+
+    def __init__(self, base_layer: nn.Module, branch: GatedBranch) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = branch
+        self.disabled = False
+        self._x: Tensor | None = None
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._x = args[0] if args else next(iter(kwargs.values()))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        out = self.base_layer(*args, **kwargs)
+        x, self._x = self._x, None
+        if self.disabled:
+            return out
+        if x is None:
+            raise RuntimeError(
+                "ParallelAdapter: the sub-layer input was not captured (was its input projection run?)"
+            )
+        return out + self.adapter(x).to(out.dtype)
+
+
+def _regex(model: nn.Module, part: str) -> str:
+    return part_regex(model, part, owner="UnifiedConfig")
+
+
+def _bottleneck(model: nn.Module, point: DesignPoint, layers: list[int] | None) -> list[str]:
+    part = "attention_output" if point.at == "attention" else "ffn_output"
+    sinks = find_modules(model, _regex(model, part), layers=layers)
+    sources: dict[int | None, str] = {}
+    if point.insertion == "parallel":
+        family = detect_family(model)
+        if family not in _INPUTS:
+            raise ValueError(
+                f"UnifiedConfig: parallel insertion knows the sub-layer inputs of {sorted(_INPUTS)} only"
+            )
+        pattern = r"(?:.*\.)?" + _INPUTS[family][point.at]
+        sources = {block_index(n): n for n in find_modules(model, pattern, layers=layers)}
+    for name in sinks:
+        base = model.get_submodule(name)
+        d = _output_width(base, name)
+        m = point.bottleneck_size or max(1, int(d // point.reduction_factor))
+        scale = point.scale if point.composition == "scaled_add" else 1.0
+        ref = next(base.parameters())
+        if point.insertion == "sequential" and point.composition != "gated_add":
+            # Exactly BottleneckConfig's module: the adapter/houlsby/pfeiffer presets are that method.
+            adapter: nn.Module = BottleneckAdapter(d, m, activation=point.activation, scaling=scale)
+            replace_module(model, name, AdapterAfter(base, adapter.to(ref.device, ref.dtype)))
+            continue
+        branch = GatedBranch(
+            d, m, activation=point.activation, scale=scale, gated=point.composition == "gated_add"
+        )
+        branch.to(ref.device, ref.dtype)
+        if point.insertion == "sequential":
+            replace_module(model, name, AdapterAfter(base, _Residual(branch)))
+            continue
+        wrapper = ParallelAdapter(base, branch)
+        replace_module(model, name, wrapper)
+        model.get_submodule(sources[block_index(name)]).register_forward_pre_hook(
+            wrapper.capture, with_kwargs=True
+        )
+    return sinks
+
+
+@register_tuner("unified")
+@dataclass(kw_only=True)
+class UnifiedConfig(TunerConfig):
+    """A point (or several) of the unified design space.
+
+    Attributes:
+        preset: a named method (``adapter``, ``houlsby``, ``pfeiffer``, ``lora``, ``prefix``, ``parallel``,
+            ``scaled_parallel``, ``mam``); ``None`` with no ``points`` means ``"parallel"``.
+        points: your own design points (dicts of :class:`DesignPoint` fields) instead of a preset.
+
+    ``layers`` restricts bottleneck and low-rank points to those blocks.
+
+    Example::
+
+        UnifiedConfig(preset="mam")
+        UnifiedConfig(points=[{"form": "bottleneck", "at": "attention", "insertion": "parallel",
+                               "composition": "gated_add"}])
+    """
+
+    preset: str | None = None
+    points: list[dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target_modules is not None:
+            raise ValueError(
+                "UnifiedConfig.target_modules must be None: each design point names its place (at=...)"
+            )
+        if self.preset is not None and self.points is not None:
+            raise ValueError(
+                f"UnifiedConfig: preset={self.preset!r} and points=[...] conflict; give one (a preset is a "
+                "fixed list of points: PRESETS[name])"
+            )
+        if self.preset is not None:
+            check_choice("UnifiedConfig", "preset", self.preset, list(PRESETS))
+        if self.points is not None and not self.points:
+            raise ValueError("UnifiedConfig.points is empty; give at least one design point")
+        points = self.design_points()
+        places = [(p.at, p.insertion) for p in points if p.form != "lowrank"]
+        dupes = sorted({p for p in places if places.count(p) > 1})
+        if dupes or sum(p.form == "lowrank" for p in points) > 1:
+            raise ValueError(
+                f"UnifiedConfig: conflicting design points modify the same place twice {dupes or 'lowrank'}; "
+                "combine presets by listing distinct points"
+            )
+
+    def design_points(self) -> list[DesignPoint]:
+        """The validated points of this config (a preset's, or ``points``)."""
+        raw = self.points if self.points is not None else PRESETS[self.preset or "parallel"]
+        out = []
+        for item in raw:
+            names = {f.name for f in dataclasses.fields(DesignPoint)}
+            unknown = sorted(set(item) - names)
+            if unknown:
+                raise ValueError(f"UnifiedConfig.points: unknown field(s) {unknown}; valid: {sorted(names)}")
+            out.append(DesignPoint(**item))
+        return out
+
+    @property
+    def identity_at_init(self) -> bool:  # type: ignore[override]
+        """Prefix points change outputs when untrained; every other point starts at exactly zero."""
+        return not any(p.form == "prefix" for p in self.design_points())
+
+    def apply(self, model: nn.Module) -> list[str]:
+        changed: list[str] = []
+        for point in self.design_points():
+            if point.form == "prefix":
+                n = point.bottleneck_size or 20
+                changed.append(inject_prefix(model, n, point.prefix_projection_size, owner="UnifiedConfig"))
+            elif point.form == "lowrank":
+                r = point.bottleneck_size or 8
+                targets = None if point.at == "attention" else _regex(model, "ffn")
+                lora = LoRAConfig(r=r, alpha=point.scale * r, target_modules=targets, layers=self.layers)
+                changed += lora.apply(model)
+            else:
+                changed += _bottleneck(model, point, self.layers)
+        return changed

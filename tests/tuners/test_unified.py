@@ -1,0 +1,134 @@
+"""The unified design space: presets reproduce their named methods exactly, parallel insertion computes
+``h + s Δh(x)`` from the sub-layer input, user-composed points work, BERT-base counts, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+import lightning_peft as lp
+from lightning_peft.tuners.prefix import PrefixTuningConfig
+from lightning_peft.tuners.unified import UnifiedConfig
+from tests.conftest import first_output, model_inputs, perturb_trainable, tiny_model
+from tests.tuners.test_prefix import tiny_llama_lm
+from tests.tuners.test_prompt import padded_inputs, tiny_gpt2_lm
+
+
+@pytest.mark.parametrize(
+    ("preset", "named"),
+    [
+        ("adapter", lp.BottleneckConfig(style="houlsby")),
+        ("pfeiffer", lp.BottleneckConfig(style="pfeiffer")),
+        ("lora", lp.LoRAConfig(r=8, alpha=8)),
+        ("prefix", PrefixTuningConfig()),
+    ],
+)
+def test_preset_equals_the_named_method(preset: str, named: lp.TunerConfig) -> None:
+    ours = tiny_model("bert")
+    lp.inject(ours, UnifiedConfig(preset=preset))
+    perturb_trainable(ours, scale=0.3)
+    reference = tiny_model("bert")
+    lp.inject(reference, named)
+    lp.load_trainable_state_dict(reference, lp.trainable_state_dict(ours))  # same names, same shapes
+    inputs = padded_inputs("bert")
+    torch.testing.assert_close(first_output(ours, inputs), first_output(reference, inputs), rtol=0, atol=0)
+
+
+def test_parallel_adapter_reads_the_ffn_input() -> None:
+    model = tiny_model("bert")
+    lp.inject(model, UnifiedConfig(preset="scaled_parallel"))
+    perturb_trainable(model, scale=0.3)
+    layer = model.encoder.layer[0]
+    seen: dict[str, torch.Tensor] = {}
+    layer.intermediate.register_forward_hook(lambda _m, a, _o: seen.update(x=a[0]))
+    layer.register_forward_hook(lambda _m, _a, o: seen.update(out=o[0] if isinstance(o, tuple) else o))
+    model(**model_inputs("bert"))
+    x, wrapper = seen["x"], layer.output.dense
+    branch = wrapper.adapter
+    delta = branch.up(branch.act(branch.down(x))) * 4.0  # s = 4
+    expected = layer.output.LayerNorm(wrapper.base_layer(layer.intermediate(x)) + delta + x)
+    torch.testing.assert_close(seen["out"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_user_composed_gated_parallel_adapter_at_attention() -> None:
+    config = UnifiedConfig(
+        points=[
+            {
+                "form": "bottleneck",
+                "at": "attention",
+                "insertion": "parallel",
+                "composition": "gated_add",
+                "bottleneck_size": 4,
+            },
+            {"form": "bottleneck", "at": "ffn", "insertion": "sequential", "composition": "gated_add"},
+        ]
+    )
+    assert config.identity_at_init
+    base_out = first_output(tiny_model("gpt2"), model_inputs("gpt2"))
+    model = tiny_model("gpt2")
+    lp.inject(model, config)
+    torch.testing.assert_close(first_output(model, model_inputs("gpt2")), base_out, rtol=0, atol=0)
+    perturb_trainable(model, scale=0.3)
+    out = first_output(model, model_inputs("gpt2"))
+    assert not torch.allclose(out, base_out)
+    out.sum().backward()
+    gates = [n for n, p in model.named_parameters() if "gate" in n]
+    assert len(gates) == 2 * 2 * 2 and all(model.get_parameter(n).grad is not None for n in gates)
+
+
+def test_mam_generates_on_decoders_with_cache() -> None:
+    for make in (tiny_gpt2_lm, tiny_llama_lm):
+        model = make()
+        lp.inject(model, UnifiedConfig(points=[dict(p, bottleneck_size=4) for p in _mam_points()]))
+        perturb_trainable(model, scale=0.3)
+        inputs = model_inputs("gpt2", batch=2, length=4)
+        kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(**inputs, **kw), model.generate(**inputs, **kw, use_cache=False))
+
+
+def _mam_points() -> list[dict]:
+    from lightning_peft.tuners.unified import PRESETS
+
+    return PRESETS["mam"]
+
+
+def test_bert_base_counts() -> None:
+    def count(config: UnifiedConfig) -> int:
+        with torch.device("meta"):
+            model = BertModel(BertConfig())
+        lp.inject(model, config)
+        return lp.param_summary(model).trainable
+
+    assert count(UnifiedConfig(preset="parallel")) == 7_091_712
+    assert count(UnifiedConfig(preset="mam")) == 30 * 12 * 2 * 768 + 12 * (2 * 512 * 768 + 512 + 768)
+    assert count(UnifiedConfig(preset="adapter")) == 1_789_056
+
+
+def test_bad_input_is_refused() -> None:
+    with pytest.raises(ValueError, match="conflict"):
+        UnifiedConfig(preset="mam", points=[{"form": "bottleneck", "at": "ffn", "insertion": "parallel"}])
+    with pytest.raises(ValueError, match="conflicting design points"):
+        UnifiedConfig(
+            points=[
+                *_mam_points(),
+                {
+                    "form": "prefix",
+                    "at": "attention_heads",
+                    "insertion": "parallel",
+                    "composition": "gated_add",
+                },
+            ]
+        )
+    with pytest.raises(ValueError, match="preset='madx' is not valid"):
+        UnifiedConfig(preset="madx")
+    with pytest.raises(ValueError, match="form='prefix' is defined"):
+        UnifiedConfig(points=[{"form": "prefix", "at": "ffn", "insertion": "sequential"}])
+    with pytest.raises(ValueError, match="needs composition='scaled_add'"):
+        UnifiedConfig(points=[{"form": "bottleneck", "at": "ffn", "insertion": "parallel", "scale": 2.0}])
+    with pytest.raises(ValueError, match="unknown field"):
+        UnifiedConfig(points=[{"form": "bottleneck", "at": "ffn", "insertion": "parallel", "size": 2}])
+    with pytest.raises(ValueError, match="not implemented"):
+        UnifiedConfig(points=[{"form": "bottleneck", "at": "attention_heads", "insertion": "parallel"}])
+    with pytest.raises(ValueError, match=r"bottleneck_size must be > 0"):
+        UnifiedConfig(points=[{**_mam_points()[0], "bottleneck_size": 0}])
