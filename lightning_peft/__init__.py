@@ -26,19 +26,31 @@ from lightning_peft.api import (
 from lightning_peft.config import TunerConfig, available_tuners, config_from_dict, register_tuner
 from lightning_peft.tuners.bitfit import BitFitConfig
 from lightning_peft.tuners.bottleneck import BottleneckConfig
+from lightning_peft.tuners.compacter import CompacterConfig, CompacterPlusPlusConfig
 from lightning_peft.tuners.lora import LoRAConfig
+from lightning_peft.tuners.prefix import PrefixTuningConfig, fold_prefix
+from lightning_peft.tuners.prompt import PromptTuningConfig
+from lightning_peft.tuners.ptuning import PTuningConfig
+from lightning_peft.tuners.unified import UnifiedConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BitFitConfig",
     "BottleneckConfig",
+    "CompacterConfig",
+    "CompacterPlusPlusConfig",
     "LoRAConfig",
+    "PTuningConfig",
     "ParamSummary",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "TunerConfig",
+    "UnifiedConfig",
     "available_tuners",
     "config_from_dict",
     "disable_adapters",
+    "fold_prefix",
     "get_config",
     "inject",
     "load_trainable_state_dict",

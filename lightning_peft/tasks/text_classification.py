@@ -117,6 +117,11 @@ class TextClassifier(L.LightningModule):
         """``(B, T, H)`` token states -> ``(B, H)`` by CLS or mask-aware mean pooling."""
         if self.pooling == "cls":
             return hidden[:, 0]
+        extra = hidden.shape[1] - attention_mask.shape[1]
+        if extra > 0:  # prompt / P-tuning prepend virtual tokens: they count as real tokens
+            attention_mask = torch.cat(
+                [attention_mask.new_ones(attention_mask.shape[0], extra), attention_mask], 1
+            )
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 

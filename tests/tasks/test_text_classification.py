@@ -180,3 +180,21 @@ def test_real_minilm_forward() -> None:
     similar = F.cosine_similarity(pooled[0], pooled[1], dim=0)
     unrelated = F.cosine_similarity(pooled[0], pooled[2], dim=0)
     assert similar > 0.7 and unrelated < 0.4, (similar, unrelated)
+
+
+def test_mean_pooling_counts_prepended_virtual_tokens() -> None:
+    model = TextClassifier(
+        config={
+            "model_type": "bert",
+            "hidden_size": 8,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 16,
+            "vocab_size": 32,
+        }
+    )
+    hidden = torch.arange(2 * 5 * 8, dtype=torch.float32).reshape(2, 5, 8)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])  # 2 virtual tokens in front of 3 real positions
+    pooled = model.pool(hidden, mask)
+    torch.testing.assert_close(pooled[0], hidden[0, :4].mean(0))
+    torch.testing.assert_close(pooled[1], hidden[1].mean(0))
