@@ -12,6 +12,12 @@ the base-model fingerprint. Loading goes through two hooks on the LightningModul
   and refuses a checkpoint that lacks adapter weights the model has (strict for adapter keys);
 * a post-hook forgives missing *frozen base* keys only (they come from the pretrained model), so
   Lightning's ``strict_loading`` still catches everything else.
+
+Sharded strategies: FSDP inserts ``_fsdp_wrapped_module.`` (and activation checkpointing
+``_checkpoint_wrapped_module.``) into module paths while its state dicts use clean names, so keys are
+compared without those fragments, and FSDP's load calls the hooks with a non-empty prefix. DeepSpeed ZeRO-3
+keeps only a shard of every parameter on each rank: :func:`gathered_trainable_state_dict` gathers the
+trainable parameters alone (never the frozen base) so the saved adapter tensors are complete.
 """
 
 from __future__ import annotations
@@ -26,14 +32,30 @@ from lightning_peft.config import config_from_dict
 from lightning_peft.fingerprint import compare_fingerprints
 from lightning_peft.layers import TRAINABLE_ATTR, iter_trainable_parameters
 
-__all__ = ["META_KEY", "AdapterCheckpointError", "install_load_hooks", "trainable_keys", "trim_state_dict"]
+__all__ = [
+    "META_KEY",
+    "AdapterCheckpointError",
+    "clean_key",
+    "gathered_trainable_state_dict",
+    "install_load_hooks",
+    "trainable_keys",
+    "trim_state_dict",
+]
 
 META_KEY = "__lightning_peft__"
 _HOOKS_ATTR = "_lp_load_hooks"
+_WRAPPER_FRAGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 class AdapterCheckpointError(RuntimeError):
     """A checkpoint does not fit the model it is loaded into (config, base model or adapter keys)."""
+
+
+def clean_key(name: str) -> str:
+    """``name`` without the path fragments FSDP, activation checkpointing and torch.compile insert."""
+    for fragment in _WRAPPER_FRAGMENTS:
+        name = name.replace(fragment, "")
+    return name
 
 
 def trainable_keys(module: nn.Module) -> set[str]:
@@ -44,7 +66,19 @@ def trainable_keys(module: nn.Module) -> set[str]:
         if getattr(sub, TRAINABLE_ATTR, None) is True:
             prefix = f"{name}." if name else ""
             keys |= {prefix + b for b, _ in sub.named_buffers() if not b.startswith("_lp_")}
-    return keys
+    return {clean_key(k) for k in keys}
+
+
+def gathered_trainable_state_dict(module: nn.Module) -> dict[str, Any]:
+    """The tuner's tensors with DeepSpeed ZeRO-3 shards gathered (a collective: call it on every rank).
+
+    Only trainable parameters are gathered, so the cost is the adapters' size, never the base model's.
+    """
+    import deepspeed  # only reached under DeepSpeedStrategy
+
+    named = list(iter_trainable_parameters(module))
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        return {clean_key(n): p.detach().to("cpu", copy=True) for n, p in named}
 
 
 def make_meta(module: nn.Module, fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -69,14 +103,21 @@ def install_load_hooks(module: nn.Module, fingerprint: Callable[[], dict[str, An
         return
 
     def pre_hook(mod: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        if prefix or META_KEY not in state_dict:
+        # prefix is "" when the module itself loads, "_fsdp_wrapped_module." under an FSDP root.
+        if prefix + META_KEY not in state_dict:
             return
-        meta = state_dict.pop(META_KEY)
-        _validate(module, state_dict, meta, fingerprint())
+        meta = state_dict.pop(prefix + META_KEY)
+        keys = {clean_key(k[len(prefix) :]) for k in state_dict if k.startswith(prefix)}
+        _validate(module, keys, meta, fingerprint())
 
     def post_hook(mod: nn.Module, incompatible: Any) -> None:
-        frozen = set(dict(module.state_dict(keep_vars=True))) - trainable_keys(module)
-        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in frozen]
+        # Names from the module tree (no state_dict() call: under FSDP that would be a collective).
+        names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
+        names += [n for n, _ in module.named_buffers(remove_duplicate=False)]
+        frozen = {clean_key(n) for n in names} - trainable_keys(module)
+        incompatible.missing_keys[:] = [
+            k for k in incompatible.missing_keys if not _endswith_any(clean_key(k), frozen)
+        ]
 
     handles = (
         module.register_load_state_dict_pre_hook(pre_hook),
@@ -85,7 +126,14 @@ def install_load_hooks(module: nn.Module, fingerprint: Callable[[], dict[str, An
     object.__setattr__(module, _HOOKS_ATTR, handles)
 
 
-def _validate(module: nn.Module, state_dict: dict[str, Any], meta: dict[str, Any], current_fp: dict) -> None:
+def _endswith_any(key: str, names: set[str]) -> bool:
+    # Missing keys are relative to the module load_state_dict was called on (the FSDP root or the
+    # LightningModule): strip leading path components until one is a known name.
+    parts = key.split(".")
+    return any(".".join(parts[i:]) in names for i in range(len(parts)))
+
+
+def _validate(module: nn.Module, keys: set[str], meta: dict[str, Any], current_fp: dict) -> None:
     saved_cfg = meta.get("config")
     config = get_config(module)
     if saved_cfg is not None:
@@ -107,7 +155,7 @@ def _validate(module: nn.Module, state_dict: dict[str, Any], meta: dict[str, Any
             + "\n  ".join(problems)
             + "\nLoad the base model the adapters were trained on."
         )
-    missing = sorted(trainable_keys(module) - set(state_dict))
+    missing = sorted(trainable_keys(module) - keys)
     if missing:
         more = f" ... ({len(missing) - 8} more)" if len(missing) > 8 else ""
         raise AdapterCheckpointError(

@@ -5,12 +5,47 @@ Hook facts this relies on (Lightning 2.x ``trainer.fit``): callback ``setup`` ->
 ``configure_optimizers``) -> ``on_fit_start``. Injecting at ``on_fit_start`` would be too late (the
 optimizer and the DDP reducer already hold the old parameters), so the tuner is injected and the base
 frozen in ``setup``, or right after ``configure_model`` when the module builds its model there.
+
+Gradient checkpointing with a frozen embedding: reentrant ``torch.utils.checkpoint`` drops the gradient
+of a checkpointed block whose inputs do not require grad, so with a frozen embedding no adapter inside a
+checkpointed layer trains (transformers #23170). transformers >= 5 makes the embedding output require
+grad when checkpointing is enabled, 4.x only for models loaded through peft, and nothing when a user
+turns it off or checkpoints by hand. The callback therefore puts a forward hook on the input embeddings
+of every Hugging Face model it injects into that marks the embedding output as requiring grad *at forward
+time, only while that model is training with checkpointing on*. Deciding per forward makes it independent
+of the order in which checkpointing and the callback were enabled (before ``fit``, in ``configure_model``,
+in the module's ``setup``...), and of the ``use_reentrant`` choice. Rewriting the checkpoint function
+to the non-reentrant variant instead would depend on transformers internals and be undone by a later
+``gradient_checkpointing_enable()`` call.
+
+Strategies:
+
+* DDP: the base is frozen before wrapping, so no ``find_unused_parameters`` is needed.
+* FSDP (Lightning ``FSDPStrategy``, CUDA): every module the tuner marks fully trainable (``lora_A``,
+  ``lora_B``, bottleneck adapters, ``modules_to_save``) becomes its own FSDP unit, added to the user's
+  ``auto_wrap_policy``, so no FlatParameter mixes frozen and trainable tensors and gradients are only
+  allocated for adapters; ``use_orig_params=True`` (Lightning's default, required) keeps the structural
+  walk and BitFit's per-bias marks working. Checkpoints need ``state_dict_type="full"``.
+* DeepSpeed (``DeepSpeedStrategy``, CUDA): the engine writes its own checkpoint directory and ignores the
+  Lightning ``state_dict``. The callback sets ``exclude_frozen_parameters=True`` (the engine saves the
+  trainable parameters only), and stores the adapter-only state dict, gathered from the ZeRO-3 shards of
+  trainable parameters only, in the checkpoint's client state under :data:`DEEPSPEED_ADAPTER_KEY`.
+
+Tracking: at ``on_fit_start`` every logger gets the tuner config, trainable / total parameters and the
+attention variant of an :class:`~lightning_peft.callbacks.AttentionSwap` callback; after every checkpoint
+write its path and size. With a ``WandbLogger`` the adapter-only checkpoint is also logged as a W&B
+artifact at that moment (``log_checkpoint_artifact=False`` turns it off). Lightning's
+``WandbLogger(log_model="all" | True)`` already logs what ``ModelCheckpoint`` writes, which is
+adapter-only here; when it is set the callback leaves artifacts to it and does not log them twice.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import random
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -22,12 +57,22 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_peft.api import get_config, inject, param_summary
-from lightning_peft.callbacks.adapter_checkpoint import install_load_hooks, make_meta, trim_state_dict
+from lightning_peft.callbacks.adapter_checkpoint import (
+    gathered_trainable_state_dict,
+    install_load_hooks,
+    make_meta,
+    trim_state_dict,
+)
+from lightning_peft.callbacks.attention_swap import AttentionSwap
 from lightning_peft.config import TunerConfig, config_from_dict
 from lightning_peft.fingerprint import base_fingerprint
-from lightning_peft.layers import iter_trainable_parameters
+from lightning_peft.layers import TRAINABLE_ATTR, iter_trainable_parameters
 
-__all__ = ["PEFT"]
+__all__ = ["DEEPSPEED_ADAPTER_KEY", "PEFT"]
+
+#: Client-state key of DeepSpeed checkpoints holding the gathered adapter-only state dict.
+DEEPSPEED_ADAPTER_KEY = "lightning_peft_adapter_state_dict"
+_GC_GUARD_ATTR = "_lp_gc_guard"
 
 
 class PEFT(Callback):
@@ -43,6 +88,8 @@ class PEFT(Callback):
             (frozen-embedding gradient checkpointing, unused adapters) and name them.
         restore_rng: save and restore the RNG states with the callback state, so a resumed run
             continues with the same dropout masks and shuffling as an uninterrupted one.
+        log_checkpoint_artifact: log every adapter-only checkpoint as a W&B artifact when a
+            ``WandbLogger`` is attached (and its own ``log_model`` is off).
 
     Example::
 
@@ -64,6 +111,7 @@ class PEFT(Callback):
         adapter_only_checkpoints: bool = True,
         check_gradients: bool = False,
         restore_rng: bool = True,
+        log_checkpoint_artifact: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(config, dict):
@@ -77,6 +125,7 @@ class PEFT(Callback):
         self.adapter_only_checkpoints = adapter_only_checkpoints
         self.check_gradients = check_gradients
         self.restore_rng = restore_rng
+        self.log_checkpoint_artifact = log_checkpoint_artifact
         self._fingerprint: dict[str, Any] | None = None
         self._grads_checked = False
 
@@ -107,6 +156,7 @@ class PEFT(Callback):
         elif self._fingerprint is None:
             self._fingerprint = base_fingerprint(pl_module)
         install_load_hooks(pl_module, self._base_fingerprint)
+        guard_gradient_checkpointing(target)
 
     def _base_fingerprint(self) -> dict[str, Any]:
         assert self._fingerprint is not None
@@ -128,8 +178,10 @@ class PEFT(Callback):
                 object.__setattr__(pl_module, "_lp_configure_model_patched", True)
         else:
             self._inject(pl_module)
+        _prepare_strategy(trainer.strategy, self.adapter_only_checkpoints)
         if self.adapter_only_checkpoints:
             self._trim_checkpoints(trainer, pl_module)
+        self._after_checkpoint_writes(trainer, pl_module)
 
     def _trim_checkpoints(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         strategy = trainer.strategy
@@ -139,13 +191,35 @@ class PEFT(Callback):
 
         def adapter_state_dict() -> dict[str, Any]:
             meta = make_meta(pl_module, self._base_fingerprint())
+            if _is_deepspeed(strategy) and getattr(strategy, "zero_stage_3", False):
+                # The full state dict would hold empty ZeRO-3 placeholders: gather the adapters only.
+                return trim_state_dict(gathered_trainable_state_dict(pl_module), pl_module, meta)
             return trim_state_dict(full_state_dict(), pl_module, meta)
 
         strategy.lightning_module_state_dict = adapter_state_dict  # type: ignore[method-assign]
 
+    def _after_checkpoint_writes(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Wrap ``strategy.save_checkpoint``: it gets the file path, and returns once the file is written
+        (ModelCheckpoint, ``trainer.save_checkpoint``; Lightning offers callbacks no post-write hook)."""
+        strategy = trainer.strategy
+        if "save_checkpoint" in vars(strategy):
+            return
+        save = strategy.save_checkpoint
+
+        def save_then_track(checkpoint: dict[str, Any], filepath: Any, *args: Any, **kwargs: Any) -> None:
+            if _is_deepspeed(strategy) and "state_dict" in checkpoint:
+                # DeepSpeed drops "state_dict" from what it writes; keep the adapter-only one.
+                checkpoint[DEEPSPEED_ADAPTER_KEY] = checkpoint["state_dict"]
+            save(checkpoint, filepath, *args, **kwargs)
+            if trainer.is_global_zero:
+                self._track_checkpoint(trainer, Path(filepath), checkpoint.get("global_step", 0))
+
+        strategy.save_checkpoint = save_then_track  # type: ignore[method-assign]
+
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         vars(trainer.strategy).pop("lightning_module_state_dict", None)
+        vars(trainer.strategy).pop("save_checkpoint", None)
 
     # -- checks and logging --------------------------------------------------------------------------
     @override
@@ -153,10 +227,19 @@ class PEFT(Callback):
         self._check_optimizers(trainer, pl_module)
         summary = param_summary(pl_module)
         rank_zero_info(f"[lightning-peft] {self.config.method}: {summary}")
-        params = {f"peft/{k}": v for k, v in summary.as_dict().items()}
+        params: dict[str, Any] = {f"peft/{k}": v for k, v in summary.as_dict().items()}
         params["peft/config"] = self.config.to_dict()
+        swaps = [cb.record for cb in trainer.callbacks if isinstance(cb, AttentionSwap)]
+        params["peft/attention"] = swaps[0] if len(swaps) == 1 else (swaps or None)
         for logger in trainer.loggers:
             logger.log_hyperparams(params)
+
+    def _track_checkpoint(self, trainer: L.Trainer, path: Path, step: int) -> None:
+        size = _size_on_disk(path)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"peft/checkpoint_bytes": size, "peft/checkpoint": str(path)})
+            if self.log_checkpoint_artifact and _wants_artifact(logger):
+                _log_artifact(logger, path, size, step, self.config)
 
     def _check_optimizers(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         in_opt = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
@@ -218,6 +301,123 @@ class PEFT(Callback):
             random.setstate(rng["python"])
             if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _is_deepspeed(strategy: Any) -> bool:
+    return type(strategy).__name__ == "DeepSpeedStrategy" or any(
+        c.__name__ == "DeepSpeedStrategy" for c in type(strategy).__mro__
+    )
+
+
+def _prepare_strategy(strategy: Any, adapter_only: bool) -> None:
+    """Strategy settings PEFT needs, applied in ``setup`` (before the strategy wraps the model)."""
+    if _is_deepspeed(strategy):
+        if adapter_only:
+            strategy.exclude_frozen_parameters = True
+        return
+    try:
+        from lightning.pytorch.strategies import FSDPStrategy
+    except ImportError:  # pragma: no cover - FSDP ships with every supported Lightning
+        return
+    if not isinstance(strategy, FSDPStrategy):
+        return
+    if strategy.kwargs.get("use_orig_params") is False:
+        raise ValueError(
+            "PEFT under FSDP needs FSDPStrategy(use_orig_params=True) (Lightning's default): with flat "
+            "parameters the adapters cannot be found, trained or saved apart from the frozen base"
+        )
+    if not getattr(strategy.kwargs.get("auto_wrap_policy"), "_lp_adapter_units", False):
+        strategy.kwargs["auto_wrap_policy"] = adapter_wrap_policy(strategy.kwargs.get("auto_wrap_policy"))
+
+
+def _is_adapter_unit(module: torch.nn.Module) -> bool:
+    return getattr(module, TRAINABLE_ATTR, None) is True
+
+
+def adapter_wrap_policy(user_policy: Any = None) -> Any:
+    """An FSDP ``auto_wrap_policy``: the user's units plus every fully trainable tuner module."""
+    from torch.distributed.fsdp.wrap import (
+        CustomPolicy,
+        ModuleWrapPolicy,
+        _or_policy,
+        lambda_auto_wrap_policy,
+    )
+
+    if user_policy is None:
+        policy: Any = CustomPolicy(_is_adapter_unit)
+    elif isinstance(user_policy, ModuleWrapPolicy):
+        classes = tuple(user_policy._module_classes)
+        policy = CustomPolicy(lambda m: _is_adapter_unit(m) or isinstance(m, classes))
+    elif isinstance(user_policy, CustomPolicy):
+        user_fn = user_policy._lambda_fn
+        policy = CustomPolicy(lambda m: user_fn(m) or _is_adapter_unit(m))
+    else:  # a legacy callable policy(module, recurse, nonwrapped_numel)
+        ours = functools.partial(lambda_auto_wrap_policy, lambda_fn=_is_adapter_unit)
+        policy = functools.partial(_or_policy, policies=[user_policy, ours])
+    policy._lp_adapter_units = True
+    return policy
+
+
+def guard_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Hook the input embeddings of every Hugging Face model in ``model`` so checkpointed layers see an
+    input that requires grad while that model trains with checkpointing on (idempotent)."""
+    for hf_model in model.modules():
+        if not (
+            hasattr(hf_model, "get_input_embeddings") and hasattr(hf_model, "supports_gradient_checkpointing")
+        ):
+            continue
+        try:
+            embeddings = hf_model.get_input_embeddings()
+        except NotImplementedError:
+            continue
+        if isinstance(embeddings, torch.nn.Module) and not getattr(embeddings, _GC_GUARD_ATTR, False):
+            embeddings.register_forward_hook(functools.partial(_input_requires_grad, hf_model))
+            setattr(embeddings, _GC_GUARD_ATTR, True)
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def _input_requires_grad(hf_model: torch.nn.Module, module: Any, args: Any, output: Any) -> None:
+    if (
+        isinstance(output, torch.Tensor)
+        and not output.requires_grad
+        and torch.is_grad_enabled()
+        and hf_model.training
+        and output.is_floating_point()
+        and _checkpointing(hf_model)
+    ):
+        output.requires_grad_(True)
+
+
+def _size_on_disk(path: Path) -> int:
+    if path.is_dir():  # DeepSpeed and FSDP sharded checkpoints are folders
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def _wants_artifact(logger: Any) -> bool:
+    from lightning.pytorch.loggers import WandbLogger
+
+    # WandbLogger(log_model=...) already logs ModelCheckpoint's (adapter-only) files: do not log twice.
+    return isinstance(logger, WandbLogger) and not getattr(logger, "_log_model", False)
+
+
+def _log_artifact(logger: Any, path: Path, size: int, step: int, config: TunerConfig) -> None:
+    import wandb
+
+    run = logger.experiment
+    artifact = wandb.Artifact(
+        name=f"adapter-{run.id}",
+        type="model",
+        metadata={"peft_config": config.to_dict(), "bytes": size, "global_step": step, "file": path.name},
+    )
+    if path.is_dir():
+        artifact.add_dir(os.fspath(path), name=path.name)
+    else:
+        artifact.add_file(os.fspath(path), name=path.name)
+    run.log_artifact(artifact, aliases=["latest", f"step-{step}"])
 
 
 # NumPy's RNG state holds an ndarray; checkpoints loaded with torch.load(weights_only=True) take tensors only.
