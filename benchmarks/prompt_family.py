@@ -1,0 +1,186 @@
+"""Training-step time of the prompt-family tuners next to Hugging Face ``peft`` and LoRA, and the
+inference cost of a folded prefix.
+
+One step is forward + cross-entropy + backward + ``AdamW.step`` on pretrained all-MiniLM-L6-v2 plus a
+linear head. The tuner goes into the encoder (ours through ``lp.inject``, peft's through
+``get_peft_model(..., task_type="FEATURE_EXTRACTION")``) with the same config, the head trains in every
+method, and all steps are interleaved round-robin after a warm-up (DESIGN.md 9). Target: each of our
+methods within 1.0x of peft's step time for the same method and config.
+
+Run::
+
+    .venv/bin/python benchmarks/prompt_family.py                         # batch 16 x 128
+    .venv/bin/python benchmarks/prompt_family.py --rounds 4 --batch 4 --seq 32   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    EncoderClassifier,
+    interleaved_times,
+    load_minilm,
+    machine_info,
+    print_table,
+    random_batch,
+    summarize,
+    write_json,
+)
+from train_step import make_step, trainable_count
+
+import lightning_peft as lp
+
+TOKENS = 20
+TARGET_VS_PEFT = 1.0
+
+
+def _ours(method: str) -> lp.TunerConfig:
+    return {
+        "prefix": lambda: lp.PrefixTuningConfig(
+            num_virtual_tokens=TOKENS, projection=True, encoder_hidden_size=512
+        ),
+        "prompt": lambda: lp.PromptTuningConfig(num_virtual_tokens=TOKENS),
+        "ptuning": lambda: lp.PTuningConfig(num_virtual_tokens=TOKENS, encoder="mlp"),
+        "lora": lambda: lp.LoRAConfig(r=8, alpha=16, target_modules=["query", "value"]),
+        "parallel": lambda: lp.UnifiedConfig(preset="parallel"),
+        "mam": lambda: lp.UnifiedConfig(preset="mam"),
+    }[method]()
+
+
+def _peft(method: str) -> object:
+    import peft
+
+    kw = {"task_type": "FEATURE_EXTRACTION", "num_virtual_tokens": TOKENS}
+    return {
+        "prefix": lambda: peft.PrefixTuningConfig(prefix_projection=True, encoder_hidden_size=512, **kw),
+        "prompt": lambda: peft.PromptTuningConfig(**kw),
+        "ptuning": lambda: peft.PromptEncoderConfig(encoder_reparameterization_type="MLP", **kw),
+        "lora": lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]),
+    }[method]()
+
+
+def build(methods: list[str]) -> dict[str, nn.Module]:
+    """``{name: EncoderClassifier}`` with ``ours_<m>`` and, where peft has the method, ``peft_<m>``."""
+    torch.manual_seed(0)
+    encoder = load_minilm()
+    head = nn.Linear(encoder.config.hidden_size, 2)
+    models: dict[str, nn.Module] = {}
+    for method in methods:
+        enc = copy.deepcopy(encoder)
+        lp.inject(enc, _ours(method))
+        models[f"ours_{method}"] = _with_head(enc, head)
+        if method in ("prefix", "prompt", "ptuning", "lora"):
+            from peft import get_peft_model
+
+            models[f"peft_{method}"] = _with_head(get_peft_model(copy.deepcopy(encoder), _peft(method)), head)
+    return models
+
+
+class _PeftEncoder(nn.Module):
+    """Calls a peft-wrapped encoder and returns an object with ``last_hidden_state``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> object:
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def _with_head(encoder: nn.Module, head: nn.Module) -> nn.Module:
+    model = EncoderClassifier(encoder if hasattr(encoder, "config") else _PeftEncoder(encoder))
+    model.classifier = copy.deepcopy(head)
+    return model.train()
+
+
+def folded_prefix_inference(batch: dict[str, torch.Tensor], rounds: int) -> dict[str, object]:
+    """Eval forward of the base encoder vs the encoder with a folded (plain) 20-token prefix."""
+    base = load_minilm().eval()
+    prefixed = copy.deepcopy(base)
+    lp.inject(prefixed, _ours("prefix"))
+    lp.fold_prefix(prefixed)
+    prefixed.eval()
+
+    def run(model: nn.Module) -> Callable[[], None]:
+        def call() -> None:
+            with torch.inference_mode():
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+        return call
+
+    times = interleaved_times({"base": run(base), "folded_prefix": run(prefixed)}, rounds=rounds, warmup=2)
+    stats = {k: summarize(v) for k, v in times.items()}
+    ratio = stats["folded_prefix"]["median_ms"] / stats["base"]["median_ms"]
+    return {**stats, "folded_vs_base": ratio}
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--methods", default="prefix,prompt,ptuning,lora,parallel,mam")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    models = build(methods)
+    batch = random_batch(args.batch, args.seq, 30522)
+    times = interleaved_times(
+        {name: make_step(m, batch) for name, m in models.items()}, rounds=args.rounds, warmup=args.warmup
+    )
+    stats = {name: summarize(t) for name, t in times.items()}
+    results: dict[str, dict[str, object]] = {}
+    rows = []
+    for name, model in models.items():
+        method = name.split("_", 1)[1]
+        peft_ms = stats.get(f"peft_{method}", {}).get("median_ms")
+        vs_peft = stats[name]["median_ms"] / peft_ms if peft_ms and name.startswith("ours_") else None
+        results[name] = {**stats[name], "vs_peft": vs_peft, "trainable_params": trainable_count(model)}
+        rows.append(
+            [
+                name,
+                f"{stats[name]['median_ms']:.1f}",
+                f"{stats[name]['iqr_ms']:.1f}",
+                f"{vs_peft:.2f}x" if vs_peft else "-",
+                f"{trainable_count(model):,}",
+            ]
+        )
+    inference = folded_prefix_inference(batch, rounds=max(4, args.rounds))
+
+    print(f"train step, MiniLM + head, batch {args.batch} x {args.seq}, {args.rounds} rounds, median")
+    print_table(["method", "median ms", "IQR ms", "vs peft", "trainable"], rows)
+    print(f"folded prefix inference / base: {inference['folded_vs_base']:.3f}x")
+    met = {k: v["vs_peft"] <= TARGET_VS_PEFT for k, v in results.items() if v["vs_peft"] is not None}
+    for name, ok in met.items():
+        print(f"target {name} <= {TARGET_VS_PEFT}x peft: {'OK' if ok else 'MISSED'}")
+    payload = {
+        "benchmark": "prompt_family",
+        "model": "all-MiniLM-L6-v2 + linear head",
+        "batch": args.batch,
+        "seq": args.seq,
+        "rounds": args.rounds,
+        "virtual_tokens": TOKENS,
+        "machine": machine_info(),
+        "results": results,
+        "folded_prefix_inference": inference,
+        "targets_met": met,
+    }
+    print(f"wrote {write_json('prompt_family', payload, args.out)}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
