@@ -17,8 +17,23 @@ METHODS = available_tuners()
 
 def _injected(method: str, seed: int = 0) -> torch.nn.Module:
     model = tiny_model("bert", seed=seed)
-    lp.inject(model, get_tuner_config(method)())
+    config = get_tuner_config(method)()
+    if getattr(config, "needs_trained_adapters", False):
+        _add_trained_adapters(model)
+    lp.inject(model, config)
     return model
+
+
+def _add_trained_adapters(model: torch.nn.Module) -> None:
+    """Two named Pfeiffer adapters with fixed non-zero weights: what stage 1 of AdapterFusion leaves."""
+    from lightning_peft import named
+
+    g = torch.Generator().manual_seed(99)
+    for name in ("a", "b"):
+        named.add_adapter(model, name, lp.BottleneckConfig(style="pfeiffer"))
+        with torch.no_grad():
+            for p in named.adapter_state_dict(model, name).values():
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def test_registry_holds_the_foundation_methods() -> None:
@@ -28,7 +43,9 @@ def test_registry_holds_the_foundation_methods() -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_untrained_tuner_changes_nothing(method: str) -> None:
     if not get_tuner_config(method)().identity_at_init:
-        pytest.skip(f"{method}: untrained virtual tokens / prefix keys change attention by nature")
+        pytest.skip(
+            f"{method}: identity_at_init=False (virtual tokens, prefix keys or fused stage-1 adapters)"
+        )
     base = tiny_model("bert")
     inputs = model_inputs("bert")
     expected = first_output(base, inputs)
