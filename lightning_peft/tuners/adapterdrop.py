@@ -1,0 +1,213 @@
+"""AdapterDrop (Rücklé et al. 2021, "AdapterDrop: On the Efficiency of Adapters in Transformers").
+
+Bottleneck adapters (Houlsby by default) without adapters in the lowest ``n`` transformer blocks:
+
+* specialized (``robust=False``): the lowest ``drop_layers`` blocks get no adapter at all, for training
+  and inference;
+* robust (``robust=True``): every block gets an adapter; each training forward draws
+  ``n ~ U{0..max_drop}`` from a generator seeded by ``(seed, step)`` (the step counter is a buffer saved
+  in adapter-only checkpoints, so a resumed run draws the same ``n`` as an uninterrupted one). At
+  inference any ``n`` applies: :func:`set_adapter_drop` (or the :func:`drop_lowest` context manager,
+  which works on any model with adapters, named ones included).
+
+Real speed: nothing below the lowest block with an active adapter needs gradients, so the hidden state
+entering that block is detached (a forward pre-hook); the backward pass stops there instead of running
+through the whole encoder. Dropped adapters have no effect and get no gradient.
+
+With ``robust=True`` some trainable adapters are unused in a batch: under DDP set
+``find_unused_parameters=True``, and do not use the ``PEFT`` callback's ``check_gradients``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_peft.config import register_tuner
+from lightning_peft.families import part_regex
+from lightning_peft.layers import Adapter, mark
+from lightning_peft.targeting import block_index, find_modules
+from lightning_peft.tuners.bottleneck import BottleneckConfig
+from lightning_peft.tuners.compacter import STYLE_PARTS
+
+__all__ = ["AdapterDropConfig", "AdapterDropController", "adapted_blocks", "drop_lowest", "set_adapter_drop"]
+
+CONTROLLER_NAME = "adapter_drop"
+
+
+def adapted_blocks(model: nn.Module) -> list[tuple[int, str, list[nn.Module]]]:
+    """``(block index, block module name, adapter wrappers in it)`` for every block holding an adapter,
+    lowest first. The block module is the name prefix up to its index (``encoder.layer.3``)."""
+    blocks: dict[int, tuple[str, list[nn.Module]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Adapter) and hasattr(module, "base_layer"):
+            index = block_index(name)
+            if index is None:
+                continue
+            parts = name.split(".")
+            block = ".".join(parts[: next(i for i, p in enumerate(parts) if p.isdigit()) + 1])
+            blocks.setdefault(index, (block, []))[1].append(module)
+    return [(i, *blocks[i]) for i in sorted(blocks)]
+
+
+def _check_n(n: int, blocks: list[Any], what: str) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0 or n > len(blocks):
+        indices = f"{blocks[0][0]}..{blocks[-1][0]}" if blocks else "none"
+        raise ValueError(
+            f"{what}={n!r}: cannot drop more layers than the model has adapted blocks ({len(blocks)}, "
+            f"indices {indices}); choose 0..{len(blocks)}"
+        )
+
+
+@contextlib.contextmanager
+def drop_lowest(model: nn.Module, n: int) -> Iterator[None]:
+    """Within the block, adapters of the lowest ``n`` adapted blocks are off (any adapter model)."""
+    blocks = adapted_blocks(model)
+    _check_n(n, blocks, "drop_lowest(n)")
+    switched = [w for _, _, ws in blocks[:n] for w in ws if not w.disabled]
+    try:
+        for w in switched:
+            w.disabled = True
+        yield
+    finally:
+        for w in switched:
+            w.disabled = False
+
+
+def _detach_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if args and isinstance(args[0], Tensor):
+        return (args[0].detach(), *args[1:]), kwargs
+    if isinstance(kwargs.get("hidden_states"), Tensor):
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
+    return args, kwargs
+
+
+class AdapterDropController(nn.Module):
+    """Decides per forward which adapted blocks run their adapters and where the backward stops."""
+
+    def __init__(self, model: nn.Module, *, robust: bool, max_drop: int, seed: int) -> None:
+        super().__init__()
+        self.robust, self.max_drop, self.seed = robust, max_drop, seed
+        self.eval_drop = 0
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # saved: resumable draws
+        self.last_drop = 0
+        # Plain attributes (not submodules): the blocks and wrappers belong to the model.
+        self._blocks = [(block, wrappers) for _, block, wrappers in adapted_blocks(model)]
+        self._saved: dict[int, list[bool]] = {}
+        self._cut = 0
+        for i, (block, _) in enumerate(self._blocks):
+            module = model.get_submodule(block)
+            module.register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True)
+            module.register_forward_hook(self._make_post_hook(i))
+        mark(self)  # its step counter is tuner state (no parameters)
+
+    def _draw(self) -> int:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.step))
+        self.step += 1
+        return int(torch.randint(0, self.max_drop + 1, (1,), generator=g))
+
+    def _make_pre_hook(self, i: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if i == 0 and self.robust:
+                self._cut = self.last_drop = self._draw() if module.training else self.eval_drop
+            if i < self._cut:
+                # Switch this block's adapters off for this call only (restored by the post-hook), so the
+                # drop never fights other users of ``disabled`` such as disable_adapters().
+                wrappers = self._blocks[i][1]
+                self._saved[i] = [w.disabled for w in wrappers]
+                for w in wrappers:
+                    w.disabled = True
+            elif i == self._cut:  # the lowest block with active adapters: nothing below needs gradients
+                return _detach_hidden(args, kwargs)
+            return None
+
+        return hook
+
+    def _make_post_hook(self, i: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            saved = self._saved.pop(i, None)
+            if saved is not None:
+                for w, flag in zip(self._blocks[i][1], saved, strict=True):
+                    w.disabled = flag
+
+        return hook
+
+
+def set_adapter_drop(model: nn.Module, n: int) -> None:
+    """Inference with a robust AdapterDrop model: drop the adapters of the lowest ``n`` blocks."""
+    controller = next((m for m in model.modules() if isinstance(m, AdapterDropController)), None)
+    if controller is None or not controller.robust:
+        raise ValueError(
+            "set_adapter_drop needs a model injected with AdapterDropConfig(robust=True); a specialized "
+            "model has its drop fixed, and any adapter model can use the drop_lowest(model, n) context"
+        )
+    _check_n(n, controller._blocks, "set_adapter_drop(n)")
+    controller.eval_drop = n
+
+
+@register_tuner("adapterdrop")
+@dataclass(kw_only=True)
+class AdapterDropConfig(BottleneckConfig):
+    """Bottleneck adapters with AdapterDrop (every :class:`BottleneckConfig` field applies).
+
+    Attributes:
+        drop_layers: specialized: the number of lowest blocks without adapters.
+        robust: draw the number of dropped blocks per training batch instead (adapters everywhere).
+        max_drop: robust: the largest ``n`` drawn (default: all adapted blocks but one).
+        seed: robust: seed of the draws.
+
+    Example::
+
+        AdapterDropConfig(style="houlsby", drop_layers=5, modules_to_save=["classifier"])
+    """
+
+    drop_layers: int = 1
+    robust: bool = False
+    max_drop: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("drop_layers", "seed") + (("max_drop",) if self.max_drop is not None else ()):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"AdapterDropConfig.{name} must be an int >= 0, got {value!r}")
+        if self.layers is not None:
+            raise ValueError("AdapterDropConfig: give drop_layers (the lowest blocks to drop), not layers")
+
+    def apply(self, model: nn.Module) -> list[str]:
+        if self.target_modules is None:
+            owner = "AdapterDropConfig"
+            targets: list[str] | str = "|".join(
+                f"(?:{part_regex(model, p, owner=owner)})" for p in STYLE_PARTS[self.style]
+            )
+        else:
+            targets = self.target_modules
+        found = find_modules(model, targets, exclude=self.exclude_modules)
+        blocks = sorted({i for i in map(block_index, found) if i is not None})
+        kept = blocks
+        if not self.robust:
+            if self.drop_layers >= len(blocks):
+                raise ValueError(
+                    f"AdapterDropConfig.drop_layers={self.drop_layers}: cannot drop more layers than the "
+                    f"model has ({len(blocks)} adapted blocks, {blocks[0]}..{blocks[-1]}); at most "
+                    f"{len(blocks) - 1} leaves an adapter to train"
+                )
+            kept = blocks[self.drop_layers :]
+        max_drop = len(blocks) - 1 if self.max_drop is None else self.max_drop
+        if self.robust and max_drop >= len(blocks):
+            raise ValueError(
+                f"AdapterDropConfig.max_drop={max_drop}: cannot drop more layers than the model has "
+                f"({len(blocks)} adapted blocks); at most {len(blocks) - 1}"
+            )
+        base_fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(BottleneckConfig)}
+        names = BottleneckConfig(**{**base_fields, "target_modules": targets, "layers": kept}).apply(model)
+        controller = AdapterDropController(model, robust=self.robust, max_drop=max_drop, seed=self.seed)
+        model.add_module(CONTROLLER_NAME, controller)
+        return names
