@@ -40,6 +40,7 @@ __all__ = [
     "install_load_hooks",
     "trainable_keys",
     "trim_state_dict",
+    "validate_adapter_checkpoint",
 ]
 
 META_KEY = "__lightning_peft__"
@@ -108,7 +109,7 @@ def install_load_hooks(module: nn.Module, fingerprint: Callable[[], dict[str, An
             return
         meta = state_dict.pop(prefix + META_KEY)
         keys = {clean_key(k[len(prefix) :]) for k in state_dict if k.startswith(prefix)}
-        _validate(module, keys, meta, fingerprint())
+        validate_adapter_checkpoint(module, keys, meta, fingerprint())
 
     def post_hook(mod: nn.Module, incompatible: Any) -> None:
         # Names from the module tree (no state_dict() call: under FSDP that would be a collective).
@@ -133,7 +134,11 @@ def _endswith_any(key: str, names: set[str]) -> bool:
     return any(".".join(parts[i:]) in names for i in range(len(parts)))
 
 
-def _validate(module: nn.Module, keys: set[str], meta: dict[str, Any], current_fp: dict) -> None:
+def validate_adapter_checkpoint(
+    module: nn.Module, keys: set[str], meta: dict[str, Any], current_fp: dict
+) -> None:
+    """Refuse a checkpoint (its tensor ``keys`` and metadata) made with another tuner config or base model,
+    or lacking adapter tensors ``module`` has."""
     saved_cfg = meta.get("config")
     config = get_config(module)
     if saved_cfg is not None:

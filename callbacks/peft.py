@@ -58,10 +58,12 @@ from typing_extensions import override
 
 from lightning_peft.api import get_config, inject, param_summary
 from lightning_peft.callbacks.adapter_checkpoint import (
+    META_KEY,
     gathered_trainable_state_dict,
     install_load_hooks,
     make_meta,
     trim_state_dict,
+    validate_adapter_checkpoint,
 )
 from lightning_peft.callbacks.attention_swap import AttentionSwap
 from lightning_peft.config import TunerConfig, config_from_dict
@@ -278,6 +280,17 @@ class PEFT(Callback):
                 "(call model.enable_input_require_grads() or use non-reentrant checkpointing), adapters on "
                 "layers the forward never runs, or a loss that does not depend on them."
             )
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # DeepSpeed restores module weights inside its engine, past the load hooks: apply the same config,
+        # base-model and missing-adapter checks to the adapter state dict stored in its client state.
+        adapters = checkpoint.get(DEEPSPEED_ADAPTER_KEY)
+        if adapters and META_KEY in adapters:
+            keys = {k for k in adapters if k != META_KEY}
+            validate_adapter_checkpoint(pl_module, keys, adapters[META_KEY], self._base_fingerprint())
 
     # -- state: config check and RNG for exact resume -------------------------------------------------
     @override

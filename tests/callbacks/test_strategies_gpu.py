@@ -193,3 +193,22 @@ def test_deepspeed_saves_gathered_nonempty_adapters_and_resumes(tmp_path: Path, 
     resumed = TinyClassifier()
     t2, _ = _fit(tmp_path / "resume", DeepSpeedStrategy(stage=stage), resumed, str(folder), steps=5)
     assert t2.global_step == 5
+
+
+def test_deepspeed_client_state_is_checked_on_resume(tmp_path: Path) -> None:
+    """DeepSpeed loads weights in its engine; the callback checks the adapter state dict it stored."""
+    module, callback = TinyClassifier(), PEFT(lora())
+    trainer(tmp_path, [callback], max_steps=1).fit(module, tiny_loader())
+    meta = {"version": 1, "config": lora().to_dict(), "fingerprint": base_fingerprint(module)}
+    adapters = {clean_key(k): v for k, v in lp.trainable_state_dict(module).items()}
+    callback.on_load_checkpoint(module.trainer, module, {DEEPSPEED_ADAPTER_KEY: {**adapters, META_KEY: meta}})
+    other = {**meta, "config": {**lora().to_dict(), "r": 8}}
+    with pytest.raises(AdapterCheckpointError, match="r: 8 vs 4"):
+        callback.on_load_checkpoint(
+            module.trainer, module, {DEEPSPEED_ADAPTER_KEY: {**adapters, META_KEY: other}}
+        )
+    fewer = {k: v for k, v in adapters.items() if "query.lora_A" not in k}
+    with pytest.raises(AdapterCheckpointError, match="lacks 2 adapter tensor"):
+        callback.on_load_checkpoint(
+            module.trainer, module, {DEEPSPEED_ADAPTER_KEY: {**fewer, META_KEY: meta}}
+        )
