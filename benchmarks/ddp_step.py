@@ -134,9 +134,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "samples_ms": [t * 1e3 for t in times],
         }
     ratio = results["ddp2"]["median_ms"] / results["single"]["median_ms"]
-    print(
-        f"LoRA training step, MiniLM, global batch {args.batch} x {args.seq}, median of {args.steps - args.warmup}"
-    )
+    timed = args.steps - args.warmup
+    print(f"LoRA training step, MiniLM, global batch {args.batch} x {args.seq}, median of {timed}")
     print_table(
         ["run", "median ms", "vs single"],
         [
