@@ -24,9 +24,11 @@ from lightning_peft.api import (
     unmerge,
 )
 from lightning_peft.config import TunerConfig, available_tuners, config_from_dict, register_tuner
+from lightning_peft.tuners.adapterdrop import AdapterDropConfig, set_adapter_drop
 from lightning_peft.tuners.bitfit import BitFitConfig
 from lightning_peft.tuners.bottleneck import BottleneckConfig
 from lightning_peft.tuners.compacter import CompacterConfig, CompacterPlusPlusConfig
+from lightning_peft.tuners.fusion import FusionConfig, fusion_weights
 from lightning_peft.tuners.lora import LoRAConfig
 from lightning_peft.tuners.prefix import PrefixTuningConfig, fold_prefix
 from lightning_peft.tuners.prompt import PromptTuningConfig
@@ -36,10 +38,12 @@ from lightning_peft.tuners.unified import UnifiedConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterDropConfig",
     "BitFitConfig",
     "BottleneckConfig",
     "CompacterConfig",
     "CompacterPlusPlusConfig",
+    "FusionConfig",
     "LoRAConfig",
     "PTuningConfig",
     "ParamSummary",
@@ -51,6 +55,7 @@ __all__ = [
     "config_from_dict",
     "disable_adapters",
     "fold_prefix",
+    "fusion_weights",
     "get_config",
     "inject",
     "load_trainable_state_dict",
@@ -58,6 +63,7 @@ __all__ = [
     "merge",
     "param_summary",
     "register_tuner",
+    "set_adapter_drop",
     "trainable_state_dict",
     "unload",
     "unmerge",
