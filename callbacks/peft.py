@@ -41,15 +41,11 @@ adapter-only here; when it is set the callback leaves artifacts to it and does n
 
 from __future__ import annotations
 
-import functools
-import os
-import random
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
@@ -66,15 +62,20 @@ from lightning_peft.callbacks.adapter_checkpoint import (
     validate_adapter_checkpoint,
 )
 from lightning_peft.callbacks.attention_swap import AttentionSwap
+from lightning_peft.callbacks.gradient_checkpointing import guard_gradient_checkpointing
+from lightning_peft.callbacks.rng import get_rng_state, set_rng_state
+from lightning_peft.callbacks.strategies import (
+    DEEPSPEED_ADAPTER_KEY,
+    adapter_wrap_policy,
+    is_deepspeed,
+    prepare_strategy,
+)
+from lightning_peft.callbacks.tracking import log_artifact, size_on_disk, wants_artifact
 from lightning_peft.config import TunerConfig, config_from_dict
 from lightning_peft.fingerprint import base_fingerprint
-from lightning_peft.layers import TRAINABLE_ATTR, iter_trainable_parameters
+from lightning_peft.layers import iter_trainable_parameters
 
-__all__ = ["DEEPSPEED_ADAPTER_KEY", "PEFT"]
-
-#: Client-state key of DeepSpeed checkpoints holding the gathered adapter-only state dict.
-DEEPSPEED_ADAPTER_KEY = "lightning_peft_adapter_state_dict"
-_GC_GUARD_ATTR = "_lp_gc_guard"
+__all__ = ["DEEPSPEED_ADAPTER_KEY", "PEFT", "adapter_wrap_policy", "guard_gradient_checkpointing"]
 
 
 class PEFT(Callback):
@@ -180,7 +181,7 @@ class PEFT(Callback):
                 object.__setattr__(pl_module, "_lp_configure_model_patched", True)
         else:
             self._inject(pl_module)
-        _prepare_strategy(trainer.strategy, self.adapter_only_checkpoints)
+        prepare_strategy(trainer.strategy, self.adapter_only_checkpoints)
         if self.adapter_only_checkpoints:
             self._trim_checkpoints(trainer, pl_module)
         self._after_checkpoint_writes(trainer, pl_module)
@@ -193,7 +194,7 @@ class PEFT(Callback):
 
         def adapter_state_dict() -> dict[str, Any]:
             meta = make_meta(pl_module, self._base_fingerprint())
-            if _is_deepspeed(strategy) and getattr(strategy, "zero_stage_3", False):
+            if is_deepspeed(strategy) and getattr(strategy, "zero_stage_3", False):
                 # The full state dict would hold empty ZeRO-3 placeholders: gather the adapters only.
                 return trim_state_dict(gathered_trainable_state_dict(pl_module), pl_module, meta)
             return trim_state_dict(full_state_dict(), pl_module, meta)
@@ -209,7 +210,7 @@ class PEFT(Callback):
         save = strategy.save_checkpoint
 
         def save_then_track(checkpoint: dict[str, Any], filepath: Any, *args: Any, **kwargs: Any) -> None:
-            if _is_deepspeed(strategy) and "state_dict" in checkpoint:
+            if is_deepspeed(strategy) and "state_dict" in checkpoint:
                 # DeepSpeed drops "state_dict" from what it writes; keep the adapter-only one.
                 checkpoint[DEEPSPEED_ADAPTER_KEY] = checkpoint["state_dict"]
             save(checkpoint, filepath, *args, **kwargs)
@@ -237,11 +238,11 @@ class PEFT(Callback):
             logger.log_hyperparams(params)
 
     def _track_checkpoint(self, trainer: L.Trainer, path: Path, step: int) -> None:
-        size = _size_on_disk(path)
+        size = size_on_disk(path)
         for logger in trainer.loggers:
             logger.log_hyperparams({"peft/checkpoint_bytes": size, "peft/checkpoint": str(path)})
-            if self.log_checkpoint_artifact and _wants_artifact(logger):
-                _log_artifact(logger, path, size, step, self.config)
+            if self.log_checkpoint_artifact and wants_artifact(logger):
+                log_artifact(logger, path, size, step, self.config)
 
     def _check_optimizers(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         in_opt = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
@@ -297,154 +298,11 @@ class PEFT(Callback):
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"config": self.config.to_dict()}
         if self.restore_rng:
-            state["rng"] = {
-                "torch": torch.get_rng_state(),
-                "numpy": _numpy_state(),
-                "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            }
+            state["rng"] = get_rng_state()
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         rng = state_dict.get("rng")
         if self.restore_rng and rng is not None:
-            torch.set_rng_state(rng["torch"])
-            _set_numpy_state(rng["numpy"])
-            random.setstate(rng["python"])
-            if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def _is_deepspeed(strategy: Any) -> bool:
-    return type(strategy).__name__ == "DeepSpeedStrategy" or any(
-        c.__name__ == "DeepSpeedStrategy" for c in type(strategy).__mro__
-    )
-
-
-def _prepare_strategy(strategy: Any, adapter_only: bool) -> None:
-    """Strategy settings PEFT needs, applied in ``setup`` (before the strategy wraps the model)."""
-    if _is_deepspeed(strategy):
-        if adapter_only:
-            strategy.exclude_frozen_parameters = True
-        return
-    try:
-        from lightning.pytorch.strategies import FSDPStrategy
-    except ImportError:  # pragma: no cover - FSDP ships with every supported Lightning
-        return
-    if not isinstance(strategy, FSDPStrategy):
-        return
-    if strategy.kwargs.get("use_orig_params") is False:
-        raise ValueError(
-            "PEFT under FSDP needs FSDPStrategy(use_orig_params=True) (Lightning's default): with flat "
-            "parameters the adapters cannot be found, trained or saved apart from the frozen base"
-        )
-    if not getattr(strategy.kwargs.get("auto_wrap_policy"), "_lp_adapter_units", False):
-        strategy.kwargs["auto_wrap_policy"] = adapter_wrap_policy(strategy.kwargs.get("auto_wrap_policy"))
-
-
-def _is_adapter_unit(module: torch.nn.Module) -> bool:
-    return getattr(module, TRAINABLE_ATTR, None) is True
-
-
-def adapter_wrap_policy(user_policy: Any = None) -> Any:
-    """An FSDP ``auto_wrap_policy``: the user's units plus every fully trainable tuner module."""
-    from torch.distributed.fsdp.wrap import (
-        CustomPolicy,
-        ModuleWrapPolicy,
-        _or_policy,
-        lambda_auto_wrap_policy,
-    )
-
-    if user_policy is None:
-        policy: Any = CustomPolicy(_is_adapter_unit)
-    elif isinstance(user_policy, ModuleWrapPolicy):
-        classes = tuple(user_policy._module_classes)
-        policy = CustomPolicy(lambda m: _is_adapter_unit(m) or isinstance(m, classes))
-    elif isinstance(user_policy, CustomPolicy):
-        user_fn = user_policy._lambda_fn
-        policy = CustomPolicy(lambda m: user_fn(m) or _is_adapter_unit(m))
-    else:  # a legacy callable policy(module, recurse, nonwrapped_numel)
-        ours = functools.partial(lambda_auto_wrap_policy, lambda_fn=_is_adapter_unit)
-        policy = functools.partial(_or_policy, policies=[user_policy, ours])
-    policy._lp_adapter_units = True
-    return policy
-
-
-def guard_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Hook the input embeddings of every Hugging Face model in ``model`` so checkpointed layers see an
-    input that requires grad while that model trains with checkpointing on (idempotent)."""
-    for hf_model in model.modules():
-        if not (
-            hasattr(hf_model, "get_input_embeddings") and hasattr(hf_model, "supports_gradient_checkpointing")
-        ):
-            continue
-        try:
-            embeddings = hf_model.get_input_embeddings()
-        except NotImplementedError:
-            continue
-        if isinstance(embeddings, torch.nn.Module) and not getattr(embeddings, _GC_GUARD_ATTR, False):
-            embeddings.register_forward_hook(functools.partial(_input_requires_grad, hf_model))
-            setattr(embeddings, _GC_GUARD_ATTR, True)
-
-
-def _checkpointing(model: torch.nn.Module) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-
-
-def _input_requires_grad(hf_model: torch.nn.Module, module: Any, args: Any, output: Any) -> None:
-    if (
-        isinstance(output, torch.Tensor)
-        and not output.requires_grad
-        and torch.is_grad_enabled()
-        and hf_model.training
-        and output.is_floating_point()
-        and _checkpointing(hf_model)
-    ):
-        output.requires_grad_(True)
-
-
-def _size_on_disk(path: Path) -> int:
-    if path.is_dir():  # DeepSpeed and FSDP sharded checkpoints are folders
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return path.stat().st_size if path.exists() else 0
-
-
-def _wants_artifact(logger: Any) -> bool:
-    from lightning.pytorch.loggers import WandbLogger
-
-    # WandbLogger(log_model=...) already logs ModelCheckpoint's (adapter-only) files: do not log twice.
-    return isinstance(logger, WandbLogger) and not getattr(logger, "_log_model", False)
-
-
-def _log_artifact(logger: Any, path: Path, size: int, step: int, config: TunerConfig) -> None:
-    import wandb
-
-    run = logger.experiment
-    artifact = wandb.Artifact(
-        name=f"adapter-{run.id}",
-        type="model",
-        metadata={"peft_config": config.to_dict(), "bytes": size, "global_step": step, "file": path.name},
-    )
-    if path.is_dir():
-        artifact.add_dir(os.fspath(path), name=path.name)
-    else:
-        artifact.add_file(os.fspath(path), name=path.name)
-    run.log_artifact(artifact, aliases=["latest", f"step-{step}"])
-
-
-# NumPy's RNG state holds an ndarray; checkpoints loaded with torch.load(weights_only=True) take tensors only.
-def _numpy_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "kind": kind,
-        "keys": torch.from_numpy(keys.astype(np.int64)),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "cached": float(cached),
-    }
-
-
-def _set_numpy_state(state: dict[str, Any]) -> None:
-    keys = state["keys"].numpy().astype(np.uint32)
-    np.random.set_state((state["kind"], keys, state["pos"], state["has_gauss"], state["cached"]))
+            set_rng_state(rng)

@@ -23,7 +23,7 @@ from lightning_peft.callbacks.adapter_checkpoint import (
     install_load_hooks,
     trainable_keys,
 )
-from lightning_peft.callbacks.peft import DEEPSPEED_ADAPTER_KEY, _prepare_strategy, adapter_wrap_policy
+from lightning_peft.callbacks.strategies import DEEPSPEED_ADAPTER_KEY, adapter_wrap_policy, prepare_strategy
 from lightning_peft.fingerprint import base_fingerprint
 from lightning_peft.layers import TRAINABLE_ATTR
 from tests.lit_helpers import TinyClassifier, tiny_loader, trainer
@@ -63,14 +63,14 @@ def test_fsdp_strategy_is_prepared_and_flat_parameters_are_refused() -> None:
     from lightning.pytorch.strategies import FSDPStrategy
 
     strategy = FSDPStrategy()
-    _prepare_strategy(strategy, adapter_only=True)
+    prepare_strategy(strategy, adapter_only=True)
     assert strategy.kwargs["use_orig_params"] is True
     assert strategy.kwargs["auto_wrap_policy"]._lp_adapter_units
     policy = strategy.kwargs["auto_wrap_policy"]
-    _prepare_strategy(strategy, adapter_only=True)  # a second stage keeps the same policy
+    prepare_strategy(strategy, adapter_only=True)  # a second stage keeps the same policy
     assert strategy.kwargs["auto_wrap_policy"] is policy
     with pytest.raises(ValueError, match="use_orig_params=True"):
-        _prepare_strategy(FSDPStrategy(use_orig_params=False), adapter_only=True)
+        prepare_strategy(FSDPStrategy(use_orig_params=False), adapter_only=True)
 
 
 def test_wrapper_fragments_are_ignored_in_keys() -> None:
