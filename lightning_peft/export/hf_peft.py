@@ -4,8 +4,9 @@
 :func:`import_peft` loads what peft's ``save_pretrained`` writes. What is generic lives here (files, key
 prefixes, the split between the Hugging Face model and the rest of a LightningModule, refusing options
 we cannot reproduce); what is per method (config fields, parameter names) lives in one
-:class:`PeftFormat` per method, registered with :func:`register_peft_format` (LoRA: ``export/lora.py``).
-Adding prefix / prompt tuning is one new file with a format; nothing here changes.
+:class:`PeftFormat` per method, registered with :func:`register_peft_format` (LoRA: ``export/lora.py``;
+prompt tuning, P-tuning and prefix tuning: ``export/prompt.py``, whose tensors peft names differently and
+which therefore also define the optional ``to_peft_weights`` / ``from_peft_weights``).
 
 Example::
 
@@ -93,6 +94,11 @@ class PeftFormat(Protocol):
     def check_loaded(self, data: Mapping[str, Any], root: nn.Module) -> None:
         """Consistency checks after injection (may warn)."""
         ...
+
+    # Optional, for methods whose tensors peft stores under other names (prompt learning):
+    # ``to_peft_weights(inside, root) -> {file key: tensor}`` and
+    # ``from_peft_weights(weights, root) -> {our name relative to root: tensor}`` (called after injection;
+    # ``weights`` has the ``base_model.model.`` prefix already removed).
 
 
 _FORMATS: dict[str, PeftFormat] = {}
@@ -224,7 +230,12 @@ def export_peft(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-    weights = {PEFT_KEY_PREFIX + k: v for k, v in split.inside.items()}
+    to_peft = getattr(fmt, "to_peft_weights", None)  # optional: formats whose names differ from ours
+    weights = (
+        to_peft(split.inside, split.root)
+        if to_peft
+        else {PEFT_KEY_PREFIX + k: v for k, v in split.inside.items()}
+    )
     save_file(_to_cpu(weights), str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     written = [out / ADAPTER_CONFIG, out / ADAPTER_WEIGHTS]
     extra = save_extras(out, split.outside)
@@ -282,6 +293,9 @@ def import_peft(model: nn.Module, in_dir: str | Path, *, module: str | None = No
     config = fmt.from_peft_config(data, root)
     weights = read_peft_weights(in_dir)
     inject(root, config)
+    from_peft = getattr(fmt, "from_peft_weights", None)
+    if from_peft:
+        weights = from_peft(weights, root)
     fmt.check_loaded(data, root)
     try:
         load_trainable_state_dict(root, weights, strict=True)

@@ -1,0 +1,250 @@
+"""Prompt tuning, P-tuning and prefix tuning <-> Hugging Face PEFT ``PROMPT_TUNING`` / ``P_TUNING`` /
+``PREFIX_TUNING``.
+
+peft keeps one tensor per prompt-learning adapter, ``prompt_embeddings``, holding what the model consumes,
+not what was trained:
+
+================  =====================================  ==================================================
+method            ``prompt_embeddings``                  ours
+================  =====================================  ==================================================
+prompt tuning     the prompt ``(n, d)``                  ``prompt_encoder.embedding.weight``
+P-tuning          the encoder's output ``(n, d)``        ``prompt_encoder()``; imported as a plain prompt
+                                                         (a :class:`PromptTuningConfig`), as peft loads it
+prefix tuning     the folded table ``(l, 2 L w)``        ``prompt_encoder.all_prefixes()`` (MLP folded);
+                                                         imported as plain prefixes
+================  =====================================  ==================================================
+
+The table's last axis is ``(layer, key/value, head, head dim)`` in both libraries. Tensors trained next to
+the prompt (``modules_to_save``, e.g. a classifier) are stored by peft as ``base_model.<name>``.
+``task_type`` is read from the model class (``...ForCausalLM`` -> ``CAUSAL_LM``, a bare encoder ->
+``FEATURE_EXTRACTION``, ...), since peft picks the forward that inserts the prompt by it.
+
+Refused: prefix tuning with ``shift_positions=False`` (peft always shifts positions), peft options that
+change the computation (multi-task prompts, ``num_transformer_submodules`` other than ours).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_peft.export.hf_peft import register_peft_format
+from lightning_peft.tuners.prefix import PrefixEncoder, PrefixTuningConfig
+from lightning_peft.tuners.prompt import PROMPT_ATTR, PromptTuningConfig, VirtualTokens, hf_root
+
+__all__ = ["PTuningFormat", "PrefixTuningFormat", "PromptTuningFormat", "task_type_of"]
+
+#: peft's key for the prompt-learning tensor, and its prefix for ``modules_to_save`` tensors.
+PROMPT_KEY = "prompt_embeddings"
+SAVED_PREFIX = "base_model."
+
+_TASKS = (
+    (("ForCausalLM", "LMHeadModel"), "CAUSAL_LM"),
+    (("ForConditionalGeneration", "ForSeq2SeqLM"), "SEQ_2_SEQ_LM"),
+    (("ForSequenceClassification",), "SEQ_CLS"),
+    (("ForTokenClassification",), "TOKEN_CLS"),
+    (("ForQuestionAnswering",), "QUESTION_ANS"),
+)
+
+
+def task_type_of(root: nn.Module) -> str:
+    """peft's ``task_type`` for a Hugging Face model, from its class name."""
+    name = type(root).__name__
+    for suffixes, task in _TASKS:
+        if name.endswith(suffixes):
+            return task
+    return "FEATURE_EXTRACTION"
+
+
+def _submodules(root: nn.Module) -> int:
+    """peft's ``num_transformer_submodules``: 2 for encoder-decoder models, else 1."""
+    return 2 if getattr(root.config, "is_encoder_decoder", False) else 1
+
+
+def _owner(root: nn.Module) -> nn.Module:
+    """The Hugging Face model holding the prompt module (``root`` itself, or the inner one)."""
+    return hf_root(root, "export")
+
+
+def _common(root: nn.Module, adapters: list[str], to_save: list[str], n: int) -> dict[str, Any]:
+    config = _owner(root).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {
+        "task_type": task_type_of(root),
+        "num_virtual_tokens": n,
+        "token_dim": int(_owner(root).get_input_embeddings().weight.shape[1]),
+        "num_transformer_submodules": _submodules(root),
+        "num_attention_heads": int(text.num_attention_heads),
+        "num_layers": int(text.num_hidden_layers),
+        "modules_to_save": to_save or None,
+    }
+
+
+def _module(root: nn.Module, adapters: list[str], kind: type) -> nn.Module:
+    found = [root.get_submodule(a) for a in adapters]
+    if len(found) != 1 or not isinstance(found[0], kind):
+        raise ValueError(f"expected one {kind.__name__} in the model, found {adapters}")
+    return found[0]
+
+
+class _PromptLearningFormat:
+    """What the three methods share: one ``prompt_embeddings`` tensor plus ``modules_to_save``."""
+
+    kind: type = VirtualTokens
+    common_fields = frozenset(
+        {
+            "num_virtual_tokens",
+            "token_dim",
+            "num_transformer_submodules",
+            "num_attention_heads",
+            "num_layers",
+            "modules_to_save",
+        }
+    )
+
+    def adapter_modules(self, root: nn.Module) -> list[str]:
+        return [n for n, m in root.named_modules() if n.endswith(PROMPT_ATTR) and isinstance(m, self.kind)]
+
+    def table(self, module: nn.Module) -> Tensor:
+        """The tensor peft stores for ``module``: what the model consumes (prompt or encoder output)."""
+        return module()
+
+    def to_peft_weights(self, inside: Mapping[str, Tensor], root: nn.Module) -> dict[str, Tensor]:
+        adapters = self.adapter_modules(root)
+        module = _module(root, adapters, self.kind)
+        prompt = tuple(f"{a}." for a in adapters)
+        out = {SAVED_PREFIX + k: v for k, v in inside.items() if not k.startswith(prompt)}
+        out[PROMPT_KEY] = self.table(module).detach()
+        return out
+
+    def from_peft_weights(self, weights: Mapping[str, Tensor], root: nn.Module) -> dict[str, Tensor]:
+        if PROMPT_KEY not in weights:
+            raise ValueError(f"no {PROMPT_KEY!r} tensor in the adapter file (keys: {sorted(weights)})")
+        (name,) = self.adapter_modules(root)
+        out = {f"{name}.embedding.weight": weights[PROMPT_KEY]}
+        for key, value in weights.items():
+            if key != PROMPT_KEY:
+                out[key.removeprefix(SAVED_PREFIX)] = value
+        return out
+
+    def check_loaded(self, data: Mapping[str, Any], root: nn.Module) -> None:
+        """Shapes are checked when the weights load."""
+
+    @staticmethod
+    def modules_to_save(data: Mapping[str, Any], root: nn.Module) -> list[str] | None:
+        if int(data.get("num_transformer_submodules") or 1) != _submodules(root):
+            raise ValueError(
+                f"num_transformer_submodules={data.get('num_transformer_submodules')} does not fit "
+                f"{type(root).__name__} (expected {_submodules(root)})"
+            )
+        # peft's task models list their head names (e.g. "classifier" and "score"): keep those present.
+        names = {n for n, _ in root.named_modules() if n}
+        keep = sorted({m for m in data.get("modules_to_save") or [] if m in names})
+        return keep or None
+
+
+class PromptTuningFormat(_PromptLearningFormat):
+    method = "prompt"
+    peft_type = "PROMPT_TUNING"
+    handled_fields = _PromptLearningFormat.common_fields | {
+        "prompt_tuning_init",
+        "prompt_tuning_init_text",
+        "tokenizer_name_or_path",
+        "tokenizer_kwargs",
+    }
+
+    def to_peft_config(
+        self, config: Any, root: nn.Module, adapters: list[str], modules_to_save: list[str]
+    ) -> dict[str, Any]:
+        assert isinstance(config, PromptTuningConfig)
+        # The initialisation only matters before training; "RANDOM" needs no tokenizer to load.
+        return {
+            **_common(root, adapters, modules_to_save, config.num_virtual_tokens),
+            "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": None,
+            "tokenizer_name_or_path": None,
+            "tokenizer_kwargs": None,
+        }
+
+    def from_peft_config(self, data: Mapping[str, Any], root: nn.Module) -> PromptTuningConfig:
+        return PromptTuningConfig(
+            num_virtual_tokens=int(data["num_virtual_tokens"]),
+            modules_to_save=self.modules_to_save(data, root),
+        )
+
+
+class PTuningFormat(PromptTuningFormat):
+    """Exported as the encoder's output; imported as a plain prompt of that value (what peft does)."""
+
+    method = "ptuning"
+    peft_type = "P_TUNING"
+    handled_fields = _PromptLearningFormat.common_fields | {
+        "encoder_reparameterization_type",
+        "encoder_hidden_size",
+        "encoder_num_layers",
+        "encoder_dropout",
+    }
+
+    def to_peft_config(
+        self, config: Any, root: nn.Module, adapters: list[str], modules_to_save: list[str]
+    ) -> dict[str, Any]:
+        return {
+            **_common(root, adapters, modules_to_save, config.num_virtual_tokens),
+            "encoder_reparameterization_type": config.encoder.upper(),
+            "encoder_hidden_size": config.encoder_hidden_size
+            or int(_owner(root).get_input_embeddings().weight.shape[1]),
+            "encoder_num_layers": config.encoder_num_layers,
+            "encoder_dropout": config.encoder_dropout,
+        }
+
+
+class PrefixTuningFormat(_PromptLearningFormat):
+    """Exported folded (plain prefixes, whatever ``projection`` was); imported as plain prefixes."""
+
+    method = "prefix"
+    peft_type = "PREFIX_TUNING"
+    kind = PrefixEncoder
+    handled_fields = _PromptLearningFormat.common_fields | {
+        "prefix_projection",
+        "encoder_hidden_size",
+        "init_weights",
+    }
+
+    def table(self, module: nn.Module) -> Tensor:
+        assert isinstance(module, PrefixEncoder)
+        return module.all_prefixes()  # (l, 2 L w)
+
+    def to_peft_config(
+        self, config: Any, root: nn.Module, adapters: list[str], modules_to_save: list[str]
+    ) -> dict[str, Any]:
+        assert isinstance(config, PrefixTuningConfig)
+        if not config.shift_positions:
+            raise ValueError(
+                "prefix tuning with shift_positions=False has no peft equivalent (peft's prefixes always "
+                "move the real tokens to positions l, l+1, ...)"
+            )
+        encoder = _module(root, adapters, PrefixEncoder)
+        assert isinstance(encoder, PrefixEncoder)
+        return {
+            **_common(root, adapters, modules_to_save, config.num_virtual_tokens),
+            # peft's (num_attention_heads, token_dim) describe the key/value heads the prefix is cut into.
+            "num_attention_heads": encoder.heads,
+            "token_dim": encoder.heads * encoder.head_dim,
+            "num_layers": encoder.num_layers,
+            "prefix_projection": False,  # the table written is folded
+            "encoder_hidden_size": config.encoder_hidden_size,
+            "init_weights": None,
+        }
+
+    def from_peft_config(self, data: Mapping[str, Any], root: nn.Module) -> PrefixTuningConfig:
+        return PrefixTuningConfig(
+            num_virtual_tokens=int(data["num_virtual_tokens"]),
+            modules_to_save=self.modules_to_save(data, root),
+        )
+
+
+register_peft_format(PromptTuningFormat())
+register_peft_format(PTuningFormat())
+register_peft_format(PrefixTuningFormat())
