@@ -1,0 +1,379 @@
+"""K-Adapter (Wang et al. 2021, "K-Adapter: Infusing Knowledge into Pre-Trained Models with Adapters").
+
+Knowledge adapters are plug-ins *outside* the frozen base model: nothing inside the base changes, its
+hidden states are only read. A knowledge adapter is a chain of adapter layers; adapter layer ``j`` reads
+the hidden state of base block ``adapter_layers[j]`` (captured by a forward hook on that block) plus the
+output of adapter layer ``j - 1`` (the sum, as in the authors' released code; the paper describes the
+combination as a concatenation), and computes
+
+    x = down(h_in);  x = TransformerEncoderLayer(x)  (num_transformer_layers times);  out = h_in + up(x)
+
+Several knowledge adapters (e.g. factual and linguistic) are trained independently: each reads only the
+base hidden states (detached: no gradient flows into the base or from one adapter to another) and its own
+previous layer. The task head sees ``concat([base last hidden state, adapter_1 out, ..., adapter_k out])``,
+of width ``H * (1 + k)``.
+
+Workflow::
+
+    inject(model, KAdapterConfig(name="factual", hidden=768))    # base frozen, only "factual" trains
+    ...train...
+    add_kadapter(model, KAdapterConfig(name="linguistic"))       # "factual" frozen, "linguistic" trains
+    out = model(**batch).last_hidden_state                        # (B, T, H * 3)
+    kadapter_features(model)                                      # {"factual": (B, T, H), ...}
+
+With ``concat_output=True`` (the default) the model's ``last_hidden_state`` becomes that concatenation (its
+first ``H`` channels are bitwise the base model's output; every other base output, e.g. ``pooler_output``
+or ``hidden_states``, is untouched). With ``concat_output=False`` the model's outputs are exactly the
+base model's and the features are read with :func:`kadapter_features` / :func:`kadapter_output` after the
+forward.
+
+Contract tests: an untrained K-Adapter is not the identity of the model's output (its output gains the
+adapter channels), so ``identity_at_init = False``; the base part is checked separately, and
+``disable_adapters`` returns exactly the base output. Only encoder-only and decoder-only models (whose
+``last_hidden_state`` is aligned with the blocks' hidden states) are supported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from lightning_peft.config import TunerConfig, check_positive, register_tuner
+from lightning_peft.layers import TRAINABLE_ATTR, mark
+from lightning_peft.targeting import find_modules
+
+__all__ = [
+    "KAdapterConfig",
+    "KAdapterSet",
+    "KnowledgeAdapter",
+    "KnowledgeAdapterLayer",
+    "add_kadapter",
+    "kadapter_features",
+    "kadapter_output",
+    "list_kadapters",
+    "train_kadapter",
+]
+
+#: Name of the :class:`KAdapterSet` child added to the Hugging Face model.
+SET_NAME = "kadapters"
+
+
+class KnowledgeAdapterLayer(nn.Module):
+    """``h + up(TransformerEncoderLayer^N(down(h)))``: (B, T, d) -> (B, T, d)."""
+
+    def __init__(self, d: int, hidden: int, *, num_layers: int, heads: int, ffn: int, dropout: float) -> None:
+        super().__init__()
+        self.down = nn.Linear(d, hidden)
+        self.encoder = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                hidden, heads, ffn, dropout=dropout, activation="gelu", batch_first=True
+            )
+            for _ in range(num_layers)
+        )
+        self.up = nn.Linear(hidden, d)
+        with torch.no_grad():  # the released code: small normal init (2e-4 on the up projection), zero bias
+            nn.init.normal_(self.down.weight, std=0.02)
+            nn.init.zeros_(self.down.bias)
+            nn.init.normal_(self.up.weight, std=2e-4)
+            nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        x = self.down(h)
+        for layer in self.encoder:
+            x = layer(x, src_key_padding_mask=padding_mask)
+        return h + self.up(x)
+
+
+class KnowledgeAdapter(nn.Module):
+    """One knowledge adapter: a chain of :class:`KnowledgeAdapterLayer` reading base blocks ``reads``."""
+
+    def __init__(self, d: int, reads: Sequence[int], **layer_kw: Any) -> None:
+        super().__init__()
+        self.reads = list(reads)
+        self.layers = nn.ModuleList(KnowledgeAdapterLayer(d, **layer_kw) for _ in self.reads)
+
+    def forward(self, hidden: dict[int, Tensor], padding_mask: Tensor | None = None) -> Tensor:
+        prev: Tensor | None = None
+        for index, layer in zip(self.reads, self.layers, strict=True):
+            h = hidden[index] if prev is None else hidden[index] + prev
+            prev = layer(h, padding_mask)
+        assert prev is not None
+        return prev
+
+
+class KAdapterSet(nn.Module):
+    """The knowledge adapters of one model, and the hooks that feed them.
+
+    Lives as child ``kadapters`` of the Hugging Face model. Forward hooks on the chosen blocks capture
+    their hidden states; a forward hook on the model runs every knowledge adapter and (with
+    ``concat_output``) concatenates their outputs to ``last_hidden_state``.
+    """
+
+    def __init__(self, model: nn.Module, blocks: list[str], width: int, *, concat_output: bool) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        self.configs: dict[str, KAdapterConfig] = {}
+        self.width = width
+        self.concat_output = concat_output
+        self.disabled = False
+        self.num_blocks = len(blocks)
+        self._hidden: dict[int, Tensor] = {}
+        self._padding_mask: Tensor | None = None
+        self.features: dict[str, Tensor] = {}
+        self.base_output: Tensor | None = None
+        self._handles = [model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)]
+        for i, name in enumerate(blocks):
+            self._handles.append(model.get_submodule(name).register_forward_hook(self._block_hook(i)))
+        self._handles.append(model.register_forward_hook(self._post_hook))
+
+    def forward(self, hidden: dict[int, Tensor], padding_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """Every knowledge adapter's output for captured base hidden states."""
+        return {name: adapter(hidden, padding_mask) for name, adapter in self.adapters.items()}
+
+    def _needed(self) -> set[int]:
+        return {i for a in self.adapters.values() for i in a.reads}
+
+    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._hidden = {}
+        self.features = {}
+        self.base_output = None
+        mask = kwargs.get("attention_mask")
+        self._padding_mask = mask == 0 if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        if self._padding_mask is not None and not bool(self._padding_mask.any()):
+            self._padding_mask = None
+
+    def _block_hook(self, i: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self.disabled or i not in self._needed():
+                return
+            h = output[0] if isinstance(output, (tuple, list)) else output
+            # Plug-ins outside the base: no gradient flows back into the base or between adapters.
+            self._hidden[i] = h.detach()
+
+        return hook
+
+    def _post_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if self.disabled or not len(self.adapters):
+            return None
+        is_tuple = isinstance(output, tuple)
+        last = output[0] if is_tuple else output.last_hidden_state
+        self.base_output = last
+        self.features = self(self._hidden, self._padding_mask)
+        self._hidden = {}
+        if not self.concat_output:
+            return None
+        joined = torch.cat([last, *self.features.values()], dim=-1)
+        if is_tuple:
+            return (joined, *output[1:])
+        output.last_hidden_state = joined
+        return output
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+# -- finding the model and its blocks ----------------------------------------------------------------
+def _hf_model(root: nn.Module) -> tuple[str, nn.Module]:
+    for name, module in root.named_modules():
+        config = getattr(module, "config", None)
+        if isinstance(getattr(config, "model_type", None), str):
+            return name, module
+    raise ValueError(
+        "KAdapterConfig: no Hugging Face model (a module with a .config) found in "
+        f"{type(root).__name__}; K-Adapter reads the hidden states of a transformer's blocks"
+    )
+
+
+def _blocks(model: nn.Module, config: KAdapterConfig) -> list[str]:
+    if config.target_modules is not None:
+        return find_modules(
+            model, config.target_modules, exclude=config.exclude_modules, what="target_modules"
+        )
+    depth = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == depth and len(module):
+            return [f"{name}.{i}" for i in range(len(module))]
+    raise ValueError(
+        f"KAdapterConfig: cannot find the {depth} transformer blocks of {type(model).__name__}; pass "
+        "target_modules=[...] with the block module names (e.g. 'encoder.layer.0', ...)"
+    )
+
+
+def default_layers(depth: int) -> list[int]:
+    """The paper's choice scaled to ``depth`` blocks: first, middle, last ({0, 11, 23} of 24)."""
+    return sorted({0, max(0, depth // 2 - 1), depth - 1})
+
+
+def _kset(root: nn.Module) -> KAdapterSet | None:
+    return next((m for m in root.modules() if isinstance(m, KAdapterSet)), None)
+
+
+def _require_kset(root: nn.Module) -> KAdapterSet:
+    kset = _kset(root)
+    if kset is None:
+        raise ValueError("this model has no K-Adapter; inject(model, KAdapterConfig(...)) first")
+    return kset
+
+
+def add_kadapter(root: nn.Module, config: KAdapterConfig) -> list[str]:
+    """Add knowledge adapter ``config.name`` to ``root`` and make it the only trainable one.
+
+    The first call (what ``inject(model, KAdapterConfig(...))`` does) installs the hooks; later calls add
+    more adapters, independent of the earlier ones, which are frozen. Returns the base blocks it reads.
+    """
+    from lightning_peft.api import mark_trainable
+
+    prefix, model = _hf_model(root)
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(
+            "KAdapterConfig supports encoder-only and decoder-only models; in an encoder-decoder the output "
+            "is not aligned with the encoder blocks"
+        )
+    blocks = _blocks(model, config)
+    kset = _kset(model)
+    if kset is None:
+        kset = KAdapterSet(model, blocks, int(model.config.hidden_size), concat_output=config.concat_output)
+        model.add_module(SET_NAME, kset.train(model.training))
+    elif config.name in kset.adapters:
+        raise ValueError(f"a knowledge adapter named {config.name!r} already exists: {list(kset.adapters)}")
+    elif config.concat_output != kset.concat_output:
+        raise ValueError(
+            f"KAdapterConfig.concat_output={config.concat_output} differs from the adapters already on the "
+            f"model ({kset.concat_output})"
+        )
+    reads = config.adapter_layers if config.adapter_layers is not None else default_layers(len(blocks))
+    bad = [i for i in reads if i >= len(blocks)]
+    if bad:
+        raise ValueError(
+            f"KAdapterConfig.adapter_layers={reads}: the model has {len(blocks)} blocks "
+            f"(0..{len(blocks) - 1})"
+        )
+    hidden = config.hidden or kset.width
+    heads = config.num_heads or max(1, hidden // 64)
+    if hidden % heads:
+        raise ValueError(f"KAdapterConfig.hidden={hidden} is not divisible by num_heads={heads}")
+    adapter = KnowledgeAdapter(
+        kset.width,
+        reads,
+        hidden=hidden,
+        num_layers=config.num_transformer_layers,
+        heads=heads,
+        ffn=config.ffn_size or 4 * hidden,
+        dropout=config.dropout,
+    )
+    ref = next(model.parameters(), None)
+    if ref is not None:
+        adapter.to(device=ref.device, dtype=ref.dtype)
+    adapter.train(model.training)  # an eval model gets an eval adapter (no dropout)
+    kset.adapters[config.name] = adapter
+    kset.configs[config.name] = config
+    train_kadapter(root, config.name)
+    mark_trainable(root)
+    return [f"{prefix}.{blocks[i]}" if prefix else blocks[i] for i in reads]
+
+
+def train_kadapter(root: nn.Module, name: str | None) -> None:
+    """Make knowledge adapter ``name`` the only trainable one (``None``: freeze them all).
+
+    ``modules_to_save`` (e.g. the task head) stay as they are; the base stays frozen.
+    """
+    from lightning_peft.api import mark_trainable
+
+    kset = _require_kset(root)
+    if name is not None and name not in kset.adapters:
+        raise ValueError(f"unknown knowledge adapter {name!r}; this model has: {list(kset.adapters)}")
+    for adapter_name, adapter in kset.adapters.items():
+        if adapter_name == name:
+            mark(adapter)
+        else:
+            adapter.__dict__.pop(TRAINABLE_ATTR, None)
+    mark_trainable(root)
+
+
+def list_kadapters(root: nn.Module) -> list[str]:
+    """Names of the knowledge adapters, in concatenation order."""
+    kset = _kset(root)
+    return list(kset.adapters) if kset is not None else []
+
+
+def kadapter_features(root: nn.Module) -> dict[str, Tensor]:
+    """``{name: (B, T, H)}``: each knowledge adapter's output in the last forward of ``root``."""
+    kset = _require_kset(root)
+    if not kset.features:
+        raise ValueError("no K-Adapter features yet: run a forward of the model first (adapters enabled)")
+    return dict(kset.features)
+
+
+def kadapter_output(root: nn.Module) -> Tensor:
+    """``concat([base last hidden state, *adapter outputs], -1)`` of the last forward: (B, T, H * (1 + k))."""
+    kset = _require_kset(root)
+    features = kadapter_features(root)
+    assert kset.base_output is not None
+    return torch.cat([kset.base_output, *features.values()], dim=-1)
+
+
+@register_tuner("kadapter")
+@dataclass(kw_only=True)
+class KAdapterConfig(TunerConfig):
+    """One knowledge adapter of K-Adapter.
+
+    Attributes:
+        name: the adapter's name (its place in the concatenation is the order adapters were added).
+        adapter_layers: base blocks read by the adapter layers, one adapter layer each (default: first,
+            middle, last: [0, 5, 11] on 12 blocks, the paper's [0, 11, 23] on 24).
+        hidden: width inside the adapter (down projection size; default the model width; paper: 768).
+        num_transformer_layers: ``nn.TransformerEncoderLayer`` per adapter layer (paper: 2).
+        num_heads: attention heads (default ``hidden // 64``, at least 1).
+        ffn_size: feed-forward width of those layers (default ``4 * hidden``).
+        dropout: dropout inside the adapter layers.
+        concat_output: replace the model's ``last_hidden_state`` by the concatenation for the head.
+
+    ``target_modules`` may name the base blocks (for models outside the Hugging Face layouts); ``layers``
+    is refused (use ``adapter_layers``).
+    """
+
+    #: The model output gains the adapters' channels: not the base output, even untrained.
+    identity_at_init: ClassVar[bool] = False
+
+    name: str = "kadapter"
+    adapter_layers: list[int] | None = None
+    hidden: int | None = None
+    num_transformer_layers: int = 2
+    num_heads: int | None = None
+    ffn_size: int | None = None
+    dropout: float = 0.1
+    concat_output: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layers is not None:
+            raise ValueError("KAdapterConfig: give adapter_layers (the base blocks to read), not layers")
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"KAdapterConfig.name={self.name!r} must be an identifier")
+        if self.adapter_layers is not None:
+            if not self.adapter_layers or any(
+                not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.adapter_layers
+            ):
+                raise ValueError(
+                    "KAdapterConfig.adapter_layers must be non-empty block indices >= 0, "
+                    f"got {self.adapter_layers}"
+                )
+            self.adapter_layers = list(self.adapter_layers)
+        for field_name in ("hidden", "num_heads", "ffn_size"):
+            value = getattr(self, field_name)
+            if value is not None:
+                check_positive("KAdapterConfig", field_name, value)
+        check_positive("KAdapterConfig", "num_transformer_layers", self.num_transformer_layers)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"KAdapterConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    def apply(self, model: nn.Module) -> list[str]:
+        if _kset(model) is not None:
+            raise ValueError("this model already has K-Adapters: add more with add_kadapter(model, config)")
+        return add_kadapter(model, self)
