@@ -25,8 +25,15 @@ point needs no code, e.g. a gated parallel adapter at attention::
 
 Parallel insertion reads the sub-layer input with a forward pre-hook on the sub-layer's first projection
 (BERT ``attention.self.query`` / ``intermediate.dense``, GPT-2 ``c_attn`` / ``c_fc``, Llama ``q_proj`` /
-``gate_proj``) and adds ``Δh(x)`` to its output projection's result. Multi-head parallel adapters
-(``at="attention_heads"`` with a bottleneck) are not implemented.
+``gate_proj``) and adds ``Δh(x)`` to its output projection's result.
+
+The multi-head parallel adapter (``form="bottleneck", at="attention_heads", insertion="parallel"``)
+modifies each head's attention output as prefix tuning does: head ``i`` gets
+``Δh_i(x) = up_i(act(down_i(x)))`` (``d -> m -> head_dim``, ``m`` per head) of the attention sub-layer's
+input ``x``, added to that head's output before the output projection: ``W_o [h_1 + Δh_1; ...; h_H + Δh_H]``
+(:class:`MultiHeadParallelAdapter` wraps the output projection and adds to its input). All heads' down
+projections are one ``Linear(d, H m)``; the up projections are an ``(H, m, head_dim)`` tensor (a
+block-diagonal ``H m -> H head_dim`` map) starting at zero; ``gated_add`` learns one gate per head.
 """
 
 from __future__ import annotations
@@ -46,7 +53,15 @@ from lightning_peft.tuners.bottleneck import ACTIVATIONS, AdapterAfter, Bottlene
 from lightning_peft.tuners.lora import LoRAConfig
 from lightning_peft.tuners.prefix import inject_prefix
 
-__all__ = ["PRESETS", "DesignPoint", "GatedBranch", "ParallelAdapter", "UnifiedConfig"]
+__all__ = [
+    "PRESETS",
+    "DesignPoint",
+    "GatedBranch",
+    "MultiHeadBranch",
+    "MultiHeadParallelAdapter",
+    "ParallelAdapter",
+    "UnifiedConfig",
+]
 
 FORMS = ("bottleneck", "lowrank", "prefix")
 SITES = ("attention", "attention_heads", "ffn")
@@ -75,9 +90,10 @@ class DesignPoint:
         at: ``"attention"``, ``"attention_heads"`` or ``"ffn"``.
         insertion: ``"sequential"`` or ``"parallel"``.
         composition: ``"add"``, ``"scaled_add"`` or ``"gated_add"``.
-        bottleneck_size: bottleneck width, LoRA rank or prefix length (``None``: from ``reduction_factor``
-            for bottlenecks, 8 for LoRA, 20 for prefixes).
-        reduction_factor: bottleneck width ``d // reduction_factor`` when ``bottleneck_size`` is None.
+        bottleneck_size: bottleneck width (per head at ``attention_heads``), LoRA rank or prefix length
+            (``None``: from ``reduction_factor`` for bottlenecks, 8 for LoRA, 20 for prefixes).
+        reduction_factor: bottleneck width ``d // reduction_factor`` when ``bottleneck_size`` is None
+            (at ``attention_heads``: that width split evenly over the heads, at least 1 per head).
         scale: ``s`` of ``scaled_add``.
         activation: the bottleneck's non-linearity.
         prefix_projection_size: the prefix MLP's hidden width (``None``: plain prefixes).
@@ -118,9 +134,11 @@ class DesignPoint:
                 )
         if self.form == "lowrank" and self.at == "attention_heads":
             raise ValueError("DesignPoint form='lowrank' modifies 'attention' (q/v) or 'ffn' projections")
-        if self.form == "bottleneck" and self.at == "attention_heads":
+        if self.form == "bottleneck" and self.at == "attention_heads" and self.insertion != "parallel":
             raise ValueError(
-                "multi-head parallel adapters (bottleneck at 'attention_heads') are not implemented"
+                "DesignPoint form='bottleneck' at='attention_heads' is the multi-head parallel adapter: "
+                "it reads the attention sub-layer input, so insertion must be 'parallel', got "
+                f"{self.insertion!r}"
             )
 
 
@@ -232,24 +250,91 @@ class ParallelAdapter(nn.Module):
         return out + self.adapter(x).to(out.dtype)
 
 
+class MultiHeadBranch(nn.Module):
+    """Per-head bottlenecks: ``(..., d) -> (..., H * head_dim)``, head ``i``'s slice being
+    ``s * σ(gate(x)_i) * (act(x A_i^T + a_i) U_i + u_i)`` (``σ`` only when gated); ``U`` starts at zero."""
+
+    def __init__(
+        self, d: int, heads: int, head_dim: int, m: int, *, activation: str, scale: float, gated: bool
+    ) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.m = heads, head_dim, m
+        self.down = nn.Linear(d, heads * m)  # rows i*m .. (i+1)*m - 1: head i's down projection A_i
+        self.act = ACTIVATIONS[activation]()
+        self.up_weight = nn.Parameter(torch.zeros(heads, m, head_dim))  # U_i
+        self.up_bias = nn.Parameter(torch.zeros(heads, head_dim))  # u_i
+        self.gate = nn.Linear(d, heads) if gated else None
+        self.scale = scale
+        mark(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.act(self.down(x)).unflatten(-1, (self.heads, self.m))  # (..., H, m)
+        out = torch.einsum("...hm,hmk->...hk", z, self.up_weight) + self.up_bias  # (..., H, head_dim)
+        out = out * self.scale
+        if self.gate is not None:
+            out = out * torch.sigmoid(self.gate(x))[..., None]
+        return out.flatten(-2)  # heads side by side, as the output projection reads them
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, head_dim={self.head_dim}, m={self.m}"
+
+
+class MultiHeadParallelAdapter(ParallelAdapter):
+    """Wraps the attention output projection: ``base_layer(heads + Δh(x))``, ``x`` the attention
+    sub-layer input recorded by :meth:`capture`."""
+
+    def forward(self, heads: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        x, self._x = self._x, None
+        if not self.disabled:
+            if x is None:
+                raise RuntimeError(
+                    "MultiHeadParallelAdapter: the attention input was not captured (was its query "
+                    "projection run?)"
+                )
+            heads = heads + self.adapter(x).to(heads.dtype)
+        return self.base_layer(heads, *args, **kwargs)
+
+
+def _input_width(module: nn.Module, name: str) -> int:
+    module = getattr(module, "base_layer", module)  # the projection itself when already wrapped
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor) and weight.dim() == 2:  # transformers Conv1D: (in, out)
+        return int(weight.shape[0])
+    raise TypeError(f"cannot infer the input width of {name!r} ({type(module).__name__})")
+
+
+def _num_heads(model: nn.Module) -> int:
+    for module in model.modules():
+        heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
+        if isinstance(heads, int):
+            return heads
+    raise ValueError("UnifiedConfig: at='attention_heads' needs a model whose config has num_attention_heads")
+
+
 def _regex(model: nn.Module, part: str) -> str:
     return part_regex(model, part, owner="UnifiedConfig")
 
 
 def _bottleneck(model: nn.Module, point: DesignPoint, layers: list[int] | None) -> list[str]:
-    part = "attention_output" if point.at == "attention" else "ffn_output"
+    part = "ffn_output" if point.at == "ffn" else "attention_output"
     sinks = find_modules(model, _regex(model, part), layers=layers)
     sources: dict[int | None, str] = {}
+    site = "ffn" if point.at == "ffn" else "attention"
     if point.insertion == "parallel":
         family = detect_family(model)
         if family not in _INPUTS:
             raise ValueError(
                 f"UnifiedConfig: parallel insertion knows the sub-layer inputs of {sorted(_INPUTS)} only"
             )
-        pattern = r"(?:.*\.)?" + _INPUTS[family][point.at]
+        pattern = r"(?:.*\.)?" + _INPUTS[family][site]
         sources = {block_index(n): n for n in find_modules(model, pattern, layers=layers)}
     for name in sinks:
         base = model.get_submodule(name)
+        if point.at == "attention_heads":
+            _multi_head(model, point, name, sources[block_index(name)])
+            continue
         d = _output_width(base, name)
         m = point.bottleneck_size or max(1, int(d // point.reduction_factor))
         scale = point.scale if point.composition == "scaled_add" else 1.0
@@ -272,6 +357,28 @@ def _bottleneck(model: nn.Module, point: DesignPoint, layers: list[int] | None) 
             wrapper.capture, with_kwargs=True
         )
     return sinks
+
+
+def _multi_head(model: nn.Module, point: DesignPoint, name: str, source: str) -> None:
+    base = model.get_submodule(name)
+    d, width, heads = _output_width(base, name), _input_width(base, name), _num_heads(model)
+    if width % heads:
+        raise ValueError(f"UnifiedConfig: {name!r} reads {width} features, not a multiple of {heads} heads")
+    m = point.bottleneck_size or max(1, int(d // point.reduction_factor) // heads)
+    scale = point.scale if point.composition == "scaled_add" else 1.0
+    branch = MultiHeadBranch(
+        d,
+        heads,
+        width // heads,
+        m,
+        activation=point.activation,
+        scale=scale,
+        gated=point.composition == "gated_add",
+    )
+    ref = next(base.parameters())
+    wrapper = MultiHeadParallelAdapter(base, branch.to(ref.device, ref.dtype))
+    replace_module(model, name, wrapper)
+    model.get_submodule(source).register_forward_pre_hook(wrapper.capture, with_kwargs=True)
 
 
 @register_tuner("unified")
@@ -312,7 +419,7 @@ class UnifiedConfig(TunerConfig):
         if self.points is not None and not self.points:
             raise ValueError("UnifiedConfig.points is empty; give at least one design point")
         points = self.design_points()
-        places = [(p.at, p.insertion) for p in points if p.form != "lowrank"]
+        places = [(p.form, p.at, p.insertion) for p in points if p.form != "lowrank"]
         dupes = sorted({p for p in places if places.count(p) > 1})
         if dupes or sum(p.form == "lowrank" for p in points) > 1:
             raise ValueError(

@@ -128,7 +128,77 @@ def test_bad_input_is_refused() -> None:
         UnifiedConfig(points=[{"form": "bottleneck", "at": "ffn", "insertion": "parallel", "scale": 2.0}])
     with pytest.raises(ValueError, match="unknown field"):
         UnifiedConfig(points=[{"form": "bottleneck", "at": "ffn", "insertion": "parallel", "size": 2}])
-    with pytest.raises(ValueError, match="not implemented"):
-        UnifiedConfig(points=[{"form": "bottleneck", "at": "attention_heads", "insertion": "parallel"}])
+    with pytest.raises(ValueError, match="insertion must be 'parallel'"):
+        UnifiedConfig(points=[{"form": "bottleneck", "at": "attention_heads", "insertion": "sequential"}])
+    with pytest.raises(ValueError, match="parallel insertion knows"):
+        lp.inject(tiny_model("t5"), UnifiedConfig(points=[MULTI_HEAD]))
     with pytest.raises(ValueError, match=r"bottleneck_size must be > 0"):
         UnifiedConfig(points=[{**_mam_points()[0], "bottleneck_size": 0}])
+
+
+MULTI_HEAD = {"form": "bottleneck", "at": "attention_heads", "insertion": "parallel", "bottleneck_size": 3}
+
+
+@pytest.mark.parametrize("composition", ["add", "gated_add"])
+def test_multi_head_parallel_adapter_is_the_per_head_formula(composition: str) -> None:
+    """BERT layer 0 by hand: out = LN(W_o [c_1 + Δ_1(x); c_2 + Δ_2(x)] + b_o + x), with per head i
+    Δ_i(x) = σ(g_i(x)) (relu(x A_i^T + a_i) U_i + u_i)."""
+    model = tiny_model("bert")
+    lp.inject(model, UnifiedConfig(points=[{**MULTI_HEAD, "composition": composition}]))
+    perturb_trainable(model, scale=0.3)
+    attention = model.encoder.layer[0].attention
+    seen: dict[str, torch.Tensor] = {}
+    attention.self.register_forward_hook(lambda _m, a, o: seen.update(x=a[0], context=o[0]))
+    attention.output.register_forward_hook(lambda _m, _a, o: seen.update(out=o))
+    model(**padded_inputs("bert"))
+    x, context, branch = seen["x"], seen["context"], attention.output.dense.adapter
+    deltas = []
+    for i in range(2):  # 2 heads, 16 dims each, bottleneck 3 per head
+        rows = slice(3 * i, 3 * (i + 1))
+        z = torch.relu(x @ branch.down.weight[rows].T + branch.down.bias[rows])  # (B, T, 3)
+        delta = z @ branch.up_weight[i] + branch.up_bias[i]  # (B, T, 16)
+        if composition == "gated_add":
+            delta = delta * torch.sigmoid(x @ branch.gate.weight[i] + branch.gate.bias[i])[..., None]
+        deltas.append(delta)
+    dense = attention.output.dense.base_layer
+    expected = attention.output.LayerNorm(dense(context + torch.cat(deltas, dim=-1)) + x)
+    torch.testing.assert_close(seen["out"], expected, rtol=1e-5, atol=1e-5)
+    with lp.disable_adapters(model):
+        base = first_output(model, padded_inputs("bert"))
+    torch.testing.assert_close(base, first_output(tiny_model("bert"), padded_inputs("bert")), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_model("bert"), tiny_gpt2_lm, tiny_llama_lm])
+def test_multi_head_parallel_adapter_starts_as_identity_and_trains(make) -> None:
+    config = UnifiedConfig(points=[MULTI_HEAD])
+    assert config.identity_at_init
+    inputs = model_inputs("gpt2", batch=2, length=5)
+    model = make()
+    lp.inject(model, config)
+    torch.testing.assert_close(first_output(model, inputs), first_output(make(), inputs), rtol=0, atol=0)
+    first_output(model, inputs).sum().backward()
+    ups = [p for n, p in model.named_parameters() if n.endswith("up_weight")]
+    assert len(ups) == 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in ups)
+    if hasattr(model, "generate"):  # decoders: the captured input follows the KV cache step by step
+        perturb_trainable(model, scale=0.3)
+        kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(**inputs, **kw), model.generate(**inputs, **kw, use_cache=False))
+
+
+def test_multi_head_parallel_adapter_bert_base_count_and_with_prefix() -> None:
+    with torch.device("meta"):
+        model = BertModel(BertConfig())
+    lp.inject(model, UnifiedConfig(points=[{**MULTI_HEAD, "bottleneck_size": 30}]))
+    # per layer: down 768 -> 12 * 30 (+ bias), up 12 x (30 -> 64) (+ bias)
+    assert lp.param_summary(model).trainable == 12 * (768 * 360 + 360 + 12 * 30 * 64 + 12 * 64) == 3_607_776
+    # Default width: d // reduction_factor split over the heads (768 // 16 // 12 = 4 per head).
+    default = tiny_model("bert")
+    lp.inject(
+        default, UnifiedConfig(points=[{k: v for k, v in MULTI_HEAD.items() if k != "bottleneck_size"}])
+    )
+    assert default.encoder.layer[0].attention.output.dense.adapter.m == 1  # 32 // 16 // 2
+    # Prefix tuning and the multi-head adapter both modify the heads, in different forms: they compose.
+    both = tiny_model("bert")
+    prefix = {"form": "prefix", "at": "attention_heads", "insertion": "parallel", "composition": "gated_add"}
+    lp.inject(both, UnifiedConfig(points=[{**prefix, "bottleneck_size": 2}, MULTI_HEAD]))
+    assert lp.param_summary(both).trainable == 2 * 2 * 2 * 32 + 2 * (32 * 6 + 6 + 2 * 3 * 16 + 2 * 16)
