@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
     "TRAINABLE_ATTR",
     "Adapter",
+    "BaseLayerWrapper",
     "Mergeable",
     "iter_trainable_parameters",
     "mark",
@@ -41,6 +42,21 @@ class Mergeable(Protocol):
     def merge(self) -> None: ...
 
     def unmerge(self) -> None: ...
+
+
+class BaseLayerWrapper(nn.Module):
+    """A module that wraps the original one as ``base_layer`` and still shows its ``weight`` / ``bias``:
+    model code reads them through the wrapper (transformers checks ``self.wo.weight.dtype``, for one)."""
+
+    base_layer: nn.Module
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
 
 
 def mark(module: nn.Module, names: Iterable[str] | None = None) -> nn.Module:

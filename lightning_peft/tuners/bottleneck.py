@@ -25,10 +25,17 @@ from torch import Tensor, nn
 
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
 from lightning_peft.families import part_regex
-from lightning_peft.layers import mark, replace_module
+from lightning_peft.layers import BaseLayerWrapper, mark, replace_module
 from lightning_peft.targeting import find_modules
 
-__all__ = ["ACTIVATIONS", "AdapterAfter", "BottleneckAdapter", "BottleneckConfig"]
+__all__ = [
+    "ACTIVATIONS",
+    "STYLE_PARTS",
+    "AdapterAfter",
+    "BottleneckAdapter",
+    "BottleneckConfig",
+    "output_width",
+]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -37,7 +44,11 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
     "tanh": nn.Tanh,
 }
-_STYLE_PARTS = {"houlsby": ("attention_output", "ffn_output"), "pfeiffer": ("ffn_output",)}
+#: Where each style puts adapters (parts of :class:`lightning_peft.families.BlockParts`).
+STYLE_PARTS: dict[str, tuple[str, ...]] = {
+    "houlsby": ("attention_output", "ffn_output"),
+    "pfeiffer": ("ffn_output",),
+}
 
 
 @register_tuner("bottleneck")
@@ -71,25 +82,30 @@ class BottleneckConfig(TunerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice("BottleneckConfig", "style", self.style, list(_STYLE_PARTS))
+        check_choice("BottleneckConfig", "style", self.style, list(STYLE_PARTS))
         check_choice("BottleneckConfig", "activation", self.activation, list(ACTIVATIONS))
         check_choice("BottleneckConfig", "init", self.init, ["identity", "houlsby"])
         check_positive("BottleneckConfig", "reduction_factor", self.reduction_factor)
         if self.bottleneck_size is not None:
             check_positive("BottleneckConfig", "bottleneck_size", self.bottleneck_size)
 
-    def apply(self, model: nn.Module) -> list[str]:
+    def placements(self, model: nn.Module) -> list[str]:
+        """Names of the modules whose outputs get an adapter (family parts or ``target_modules``)."""
         if self.target_modules is None:
-            parts = _STYLE_PARTS[self.style]
+            owner = type(self).__name__
             targets: list[str] | str = "|".join(
-                f"(?:{part_regex(model, p, owner='BottleneckConfig')})" for p in parts
+                f"(?:{part_regex(model, p, owner=owner)})" for p in STYLE_PARTS[self.style]
             )
         else:
             targets = self.target_modules
-        names = find_modules(model, targets, exclude=self.exclude_modules, layers=self.layers)
-        for name in names:
+        return find_modules(model, targets, exclude=self.exclude_modules, layers=self.layers)
+
+    def build_adapters(self, model: nn.Module) -> dict[str, nn.Module]:
+        """A fresh adapter per placement: ``{module name: adapter}`` (on the base layer's device/dtype)."""
+        adapters: dict[str, nn.Module] = {}
+        for name in self.placements(model):
             base = model.get_submodule(name)
-            d = _output_width(base, name)
+            d = output_width(base, name)
             m = self.bottleneck_size or max(1, int(d // self.reduction_factor))
             adapter = BottleneckAdapter(
                 d, m, activation=self.activation, scaling=self.scaling, init=self.init
@@ -97,7 +113,14 @@ class BottleneckConfig(TunerConfig):
             ref = next(base.parameters(), None)
             if ref is not None:
                 adapter.to(device=ref.device, dtype=ref.dtype)
-            replace_module(model, name, AdapterAfter(base, adapter))
+            adapters[name] = adapter
+        return adapters
+
+    def apply(self, model: nn.Module) -> list[str]:
+        adapters = self.build_adapters(model)
+        for name, adapter in adapters.items():
+            replace_module(model, name, AdapterAfter(model.get_submodule(name), adapter))
+        names = list(adapters)
         if self.train_layer_norms:
             norms = self.layer_norm_modules
             if norms is None:
@@ -110,16 +133,21 @@ class BottleneckConfig(TunerConfig):
         return names
 
 
-def _output_width(module: nn.Module, name: str) -> int:
-    weight = getattr(module, "weight", None)
+def output_width(module: nn.Module, name: str) -> int:
+    """Output width of a Linear / GPT-2 Conv1D (or of a wrapper's ``base_layer``)."""
+    module = getattr(module, "base_layer", module)
     if isinstance(module, nn.Linear):
         return module.out_features
-    if weight is not None and weight.dim() == 2:  # transformers Conv1D: (in, out)
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor) and weight.dim() == 2:  # transformers Conv1D: (in, out)
         return int(weight.shape[1])
     raise TypeError(
-        f"cannot infer the output width of {name!r} ({type(module).__name__}); bottleneck adapters go "
-        "after a Linear/Conv1D projection: target one (e.g. the attention output or FFN output projection)"
+        f"cannot infer the output width of {name!r} ({type(module).__name__}); adapters go after a "
+        "Linear/Conv1D projection: target one (e.g. the attention output or FFN output projection)"
     )
+
+
+_output_width = output_width  # the name tuners/unified.py imports
 
 
 class BottleneckAdapter(nn.Module):
@@ -147,7 +175,7 @@ class BottleneckAdapter(nn.Module):
         return h + self.up(self.act(self.down(h))) * self.scaling
 
 
-class AdapterAfter(nn.Module):
+class AdapterAfter(BaseLayerWrapper):
     """Runs ``base_layer`` then an adapter on its output (the first element when it returns a tuple)."""
 
     def __init__(self, base_layer: nn.Module, adapter: nn.Module) -> None:
@@ -155,14 +183,6 @@ class AdapterAfter(nn.Module):
         self.base_layer = base_layer
         self.adapter = adapter
         self.disabled = False
-
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.base_layer(*args, **kwargs)

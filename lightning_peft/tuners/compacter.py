@@ -34,14 +34,9 @@ from lightning_peft.config import TunerConfig, check_choice, check_positive, reg
 from lightning_peft.families import part_regex
 from lightning_peft.layers import mark, replace_module
 from lightning_peft.targeting import find_modules
-from lightning_peft.tuners.bottleneck import ACTIVATIONS, AdapterAfter
+from lightning_peft.tuners.bottleneck import ACTIVATIONS, STYLE_PARTS, AdapterAfter, output_width
 
 __all__ = ["CompacterAdapter", "CompacterConfig", "CompacterPlusPlusConfig", "PHMLinear", "kron_sum"]
-
-STYLE_PARTS: dict[str, tuple[str, ...]] = {
-    "houlsby": ("attention_output", "ffn_output"),
-    "pfeiffer": ("ffn_output",),
-}
 
 
 def kron_sum(rule: Tensor, fast: Tensor) -> Tensor:
@@ -278,17 +273,3 @@ class CompacterPlusPlusConfig(CompacterConfig):
     """Compacter++: one Compacter per block, after the FFN output (28,576 parameters on BERT-base)."""
 
     style: str = "pfeiffer"
-
-
-def output_width(module: nn.Module, name: str) -> int:
-    """Output width of a Linear / GPT-2 Conv1D (or of a wrapper's ``base_layer``)."""
-    module = getattr(module, "base_layer", module)
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, Tensor) and weight.dim() == 2:  # transformers Conv1D: (in, out)
-        return int(weight.shape[1])
-    raise TypeError(
-        f"cannot infer the output width of {name!r} ({type(module).__name__}); adapters go after a "
-        "Linear/Conv1D projection: target one (e.g. the attention output or FFN output projection)"
-    )

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
 from lightning_peft.families import detect_family
-from lightning_peft.layers import mark, replace_module
+from lightning_peft.layers import BaseLayerWrapper, mark, replace_module
 from lightning_peft.targeting import find_modules, linear_types
 
 __all__ = ["LoRAConfig", "LoRAEmbedding", "LoRALinear"]
@@ -111,7 +111,7 @@ class LoRAConfig(TunerConfig):
         return names
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(BaseLayerWrapper):
     """``y = base(x) + s * B(A(dropout(x)))`` around a frozen ``nn.Linear`` or ``Conv1D``."""
 
     def __init__(self, base_layer: nn.Module, *, r: int, scaling: float, dropout: float, init: str) -> None:
@@ -134,14 +134,6 @@ class LoRALinear(nn.Module):
             else:
                 nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
-
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base_layer.bias
 
     def delta_weight(self) -> Tensor:
         """``s * B @ A`` in the base weight's layout: (out, in), or (in, out) for Conv1D."""
@@ -176,7 +168,7 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
 
 
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(BaseLayerWrapper):
     """LoRA on ``nn.Embedding``: ``E + s * (B @ A)^T`` with A (r x vocab) zero-initialised, B Gaussian."""
 
     def __init__(self, base_layer: nn.Embedding, *, r: int, scaling: float, init: str) -> None:
@@ -190,10 +182,6 @@ class LoRAEmbedding(nn.Module):
         self.r, self.scaling = r, scaling
         self.merged = False
         self.disabled = False
-
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
 
     def delta_weight(self) -> Tensor:
         """``s * (B @ A)^T``: (vocab, dim), the base embedding's layout."""
