@@ -14,7 +14,10 @@ prefix tuning     the folded table ``(l, 2 L w)``        ``prompt_encoder.all_pr
                                                          imported as plain prefixes
 ================  =====================================  ==================================================
 
-The table's last axis is ``(layer, key/value, head, head dim)`` in both libraries. Tensors trained next to
+The table's last axis is ``(layer, key/value, head, head dim)`` in both libraries. Encoder-decoder models
+(T5, prompt tuning and P-tuning): we write ``num_transformer_submodules=1`` and ``n`` rows; an adapter
+peft saved with its default 2 has ``2n`` rows of which peft's forward and ``generate`` only use the first
+``n`` (the encoder's prompt), which is what we load. Tensors trained next to
 the prompt (``modules_to_save``, e.g. a classifier) are stored by peft as ``base_model.<name>``.
 ``task_type`` is read from the model class (``...ForCausalLM`` -> ``CAUSAL_LM``, a bare encoder ->
 ``FEATURE_EXTRACTION``, ...), since peft picks the forward that inserts the prompt by it.
@@ -65,17 +68,19 @@ def _submodules(root: nn.Module) -> int:
 
 def _owner(root: nn.Module) -> nn.Module:
     """The Hugging Face model holding the prompt module (``root`` itself, or the inner one)."""
-    return hf_root(root, "export")
+    return hf_root(root, "export", encoder_decoder=True)
 
 
-def _common(root: nn.Module, adapters: list[str], to_save: list[str], n: int) -> dict[str, Any]:
+def _common(
+    root: nn.Module, adapters: list[str], to_save: list[str], n: int, submodules: int = 1
+) -> dict[str, Any]:
     config = _owner(root).config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return {
         "task_type": task_type_of(root),
         "num_virtual_tokens": n,
         "token_dim": int(_owner(root).get_input_embeddings().weight.shape[1]),
-        "num_transformer_submodules": _submodules(root),
+        "num_transformer_submodules": submodules,
         "num_attention_heads": int(text.num_attention_heads),
         "num_layers": int(text.num_hidden_layers),
         "modules_to_save": to_save or None,
@@ -123,7 +128,11 @@ class _PromptLearningFormat:
         if PROMPT_KEY not in weights:
             raise ValueError(f"no {PROMPT_KEY!r} tensor in the adapter file (keys: {sorted(weights)})")
         (name,) = self.adapter_modules(root)
-        out = {f"{name}.embedding.weight": weights[PROMPT_KEY]}
+        table, module = weights[PROMPT_KEY], root.get_submodule(name)
+        n = module.num_virtual_tokens
+        if isinstance(module, VirtualTokens) and table.shape[0] == 2 * n and _submodules(root) == 2:
+            table = table[:n]  # peft's seq2seq prompt: only the first n rows reach the encoder
+        out = {f"{name}.embedding.weight": table}
         for key, value in weights.items():
             if key != PROMPT_KEY:
                 out[key.removeprefix(SAVED_PREFIX)] = value
@@ -132,12 +141,15 @@ class _PromptLearningFormat:
     def check_loaded(self, data: Mapping[str, Any], root: nn.Module) -> None:
         """Shapes are checked when the weights load."""
 
-    @staticmethod
-    def modules_to_save(data: Mapping[str, Any], root: nn.Module) -> list[str] | None:
-        if int(data.get("num_transformer_submodules") or 1) != _submodules(root):
+    def allowed_submodules(self, root: nn.Module) -> set[int]:
+        return {_submodules(root)}
+
+    def modules_to_save(self, data: Mapping[str, Any], root: nn.Module) -> list[str] | None:
+        allowed = self.allowed_submodules(root)
+        if int(data.get("num_transformer_submodules") or 1) not in allowed:
             raise ValueError(
                 f"num_transformer_submodules={data.get('num_transformer_submodules')} does not fit "
-                f"{type(root).__name__} (expected {_submodules(root)})"
+                f"{type(root).__name__} (expected {' or '.join(map(str, sorted(allowed)))})"
             )
         # peft's task models list their head names (e.g. "classifier" and "score"): keep those present.
         names = {n for n, _ in root.named_modules() if n}
@@ -154,6 +166,11 @@ class PromptTuningFormat(_PromptLearningFormat):
         "tokenizer_name_or_path",
         "tokenizer_kwargs",
     }
+
+    def allowed_submodules(self, root: nn.Module) -> set[int]:
+        # Encoder-decoder: peft's default 2 keeps 2n rows of which its prompt-tuning forward and generate
+        # use the first n (encoder side only); we write 1 and n rows.
+        return {1, _submodules(root)}
 
     def to_peft_config(
         self, config: Any, root: nn.Module, adapters: list[str], modules_to_save: list[str]
@@ -228,7 +245,7 @@ class PrefixTuningFormat(_PromptLearningFormat):
         encoder = _module(root, adapters, PrefixEncoder)
         assert isinstance(encoder, PrefixEncoder)
         return {
-            **_common(root, adapters, modules_to_save, config.num_virtual_tokens),
+            **_common(root, adapters, modules_to_save, config.num_virtual_tokens, _submodules(root)),
             # peft's (num_attention_heads, token_dim) describe the key/value heads the prefix is cut into.
             "num_attention_heads": encoder.heads,
             "token_dim": encoder.heads * encoder.head_dim,

@@ -10,6 +10,13 @@ model: ``[P; E(x)]``. Nothing inside the model changes; a forward pre-hook on th
 * while generating with a filled KV cache the prompt already sits in the cache, so only the mask (``n``
   leading ones) and the positions (``+ n``) change.
 
+Encoder-decoder models (T5): ``generate()`` runs the encoder directly, past any hook on the outer model, so
+the prompt goes in through a pre-hook on the encoder (``model.get_encoder()``): virtual tokens in front of
+the encoder input, the encoder's mask extended. A second pre-hook on the outer model extends the mask
+the decoder's cross-attention reads (``attention_mask``, shorter by ``n`` than the encoder output, also
+when ``encoder_outputs`` are passed, as during generation). The decoder, its inputs and labels are
+untouched, as in Hugging Face PEFT's prompt tuning for ``SEQ_2_SEQ_LM``.
+
 The outputs cover all ``n + T`` positions, as in Hugging Face PEFT (same parameter name
 ``prompt_encoder.embedding.weight``, so its tensors move over as they are). The prompt starts random or,
 with ``init="text"``, from the embeddings of a text's tokens repeated or cut to length ``n``.
@@ -36,17 +43,18 @@ __all__ = ["PromptEmbedding", "PromptTuningConfig", "VirtualTokens", "attach_vir
 PROMPT_ATTR = "prompt_encoder"
 
 
-def hf_root(model: nn.Module, owner: str) -> nn.Module:
-    """The outermost Hugging Face model inside ``model`` (itself or a child): the module to hook."""
+def hf_root(model: nn.Module, owner: str, *, encoder_decoder: bool = False) -> nn.Module:
+    """The outermost Hugging Face model inside ``model`` (itself or a child): the module to hook.
+
+    Encoder-decoder models are refused unless ``encoder_decoder`` (the caller handles them)."""
     for module in model.modules():
         config = getattr(module, "config", None)
         if isinstance(getattr(config, "model_type", None), str) and callable(
             getattr(module, "get_input_embeddings", None)
         ):
-            if getattr(config, "is_encoder_decoder", False):
+            if getattr(config, "is_encoder_decoder", False) and not encoder_decoder:
                 raise ValueError(
-                    f"{owner}: encoder-decoder models ({config.model_type}) are not supported yet: their "
-                    "generate() runs the encoder directly, past the hook that inserts the virtual tokens"
+                    f"{owner}: encoder-decoder models ({config.model_type}) are not supported by this method"
                 )
             return module
     raise ValueError(
@@ -93,6 +101,7 @@ class VirtualTokens(nn.Module):
         super().__init__()
         self.num_virtual_tokens = num_virtual_tokens
         self.disabled = False
+        self.encoder_decoder = False  # hooked on an encoder-decoder's encoder (see the module docstring)
 
     def forward(self) -> Tensor:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
@@ -111,7 +120,10 @@ class VirtualTokens(nn.Module):
         if (mask := kw.get("attention_mask")) is not None:
             if mask.dim() != 2:
                 raise ValueError(f"prompt tuning takes a 2-D attention_mask, got shape {tuple(mask.shape)}")
-            kw["attention_mask"] = torch.cat([mask.new_ones(B, n), mask], dim=1)
+            # An encoder-decoder's outer hook may have extended it already (an encoder has no cache, so
+            # the lengths tell): otherwise every call extends it.
+            if not (self.encoder_decoder and mask.shape[1] == n + T):
+                kw["attention_mask"] = torch.cat([mask.new_ones(B, n), mask], dim=1)
         pos = kw.get("position_ids")
         if _cache_length(kw.get("past_key_values")) > 0:  # generating: the prompt is already in the cache
             if pos is not None:
@@ -132,6 +144,30 @@ class VirtualTokens(nn.Module):
             kw["labels"] = torch.cat([labels.new_full((B, n), -100), labels], dim=1)
         return (), kw
 
+    def extend_encoder_mask(
+        self, model: nn.Module, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[tuple, dict[str, Any]]:
+        """Forward pre-hook on an encoder-decoder model: the ``attention_mask`` the decoder's
+        cross-attention reads covers the virtual tokens the encoder hook inserts."""
+        if self.disabled:
+            return args, kwargs
+        kw = call_kwargs(model, args, kwargs)
+        mask, n = kw.get("attention_mask"), self.num_virtual_tokens
+        if mask is None:
+            return args, kwargs
+        encoded = kw.get("encoder_outputs")
+        if encoded is not None:
+            length = encoded[0].shape[1]  # the prompt is already in the encoder output
+        else:
+            ref = kw.get("input_ids")
+            ref = ref if ref is not None else kw.get("inputs_embeds")
+            if ref is None:
+                return args, kwargs
+            length = n + ref.shape[1]
+        if mask.shape[1] + n == length:
+            kw["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+        return (), kw
+
     def extra_repr(self) -> str:
         return f"num_virtual_tokens={self.num_virtual_tokens}"
 
@@ -141,13 +177,18 @@ def attach_virtual_tokens(model: nn.Module, prompt: VirtualTokens, owner: str) -
 
     Returns the qualified name of the prompt module.
     """
-    root = hf_root(model, owner)
+    root = hf_root(model, owner, encoder_decoder=True)
     if PROMPT_ATTR in root._modules:
         raise ValueError(f"{owner}: {type(root).__name__} already has a {PROMPT_ATTR!r} module")
     weight = root.get_input_embeddings().weight
     prompt.to(device=weight.device, dtype=weight.dtype)
     root.add_module(PROMPT_ATTR, prompt)
-    root.register_forward_pre_hook(prompt.insert, with_kwargs=True)
+    if getattr(root.config, "is_encoder_decoder", False):
+        prompt.encoder_decoder = True
+        root.get_encoder().register_forward_pre_hook(prompt.insert, with_kwargs=True)
+        root.register_forward_pre_hook(prompt.extend_encoder_mask, with_kwargs=True)
+    else:
+        root.register_forward_pre_hook(prompt.insert, with_kwargs=True)
     mark(prompt)
     path = next(name for name, m in model.named_modules() if m is root)
     return f"{path}.{PROMPT_ATTR}" if path else PROMPT_ATTR
@@ -232,7 +273,7 @@ class PromptTuningConfig(TunerConfig):
         return out
 
     def apply(self, model: nn.Module) -> list[str]:
-        root = hf_root(model, "PromptTuningConfig")
+        root = hf_root(model, "PromptTuningConfig", encoder_decoder=True)
         embeddings = root.get_input_embeddings()
         init = None
         if self.init == "text":

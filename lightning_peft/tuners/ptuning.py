@@ -8,7 +8,8 @@ eases optimisation:
 * ``encoder="lstm"``: a bidirectional LSTM (``encoder_num_layers`` layers, hidden ``h``) then
   ``Linear(2h, 2h) -> ReLU -> Linear(2h, d)``.
 
-Insertion, masks, labels and generation are shared with :mod:`lightning_peft.tuners.prompt`. The layout and
+Insertion, masks, labels and generation (also encoder-decoder models such as T5) are shared with
+:mod:`lightning_peft.tuners.prompt`. The layout and
 parameter names (``prompt_encoder.embedding``, ``.mlp_head``, ``.lstm_head``) follow Hugging Face PEFT's
 ``PromptEncoder``, so its weights move over as they are.
 """
@@ -109,7 +110,7 @@ class PTuningConfig(TunerConfig):
             )
 
     def apply(self, model: nn.Module) -> list[str]:
-        dim = hf_root(model, "PTuningConfig").get_input_embeddings().weight.shape[1]
+        dim = hf_root(model, "PTuningConfig", encoder_decoder=True).get_input_embeddings().weight.shape[1]
         encoder = PromptEncoder(
             self.num_virtual_tokens,
             dim,

@@ -19,7 +19,7 @@ from lightning_peft.tuners.prefix import PrefixTuningConfig
 from lightning_peft.tuners.prompt import PromptTuningConfig
 from lightning_peft.tuners.ptuning import PTuningConfig
 from tests.conftest import TINY_CONFIGS, VOCAB, model_inputs, perturb_trainable, tiny_model
-from tests.tuners.test_prompt import padded_inputs, tiny_gpt2_lm
+from tests.tuners.test_prompt import padded_inputs, t5_inputs, tiny_gpt2_lm, tiny_t5_lm
 
 peft = pytest.importorskip("peft")
 
@@ -160,3 +160,34 @@ def test_options_peft_cannot_reproduce_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="shape mismatch"):
         import_peft(fresh, tmp_path)
     assert lp.get_config(fresh) is None  # left as it was given
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning-lstm"])
+def test_t5_round_trip_both_ways(tmp_path: Path, method: str) -> None:
+    """Ours -> peft with n rows (num_transformer_submodules=1); peft's default 2n rows -> ours (the first n,
+    which is all peft's seq2seq prompt forward uses). Logits reach ~30 here: float32 rounding of the two
+    code paths allows 1e-4."""
+    inputs = t5_inputs()
+    ours = tiny_t5_lm()
+    lp.inject(ours, OURS[method]())
+    perturb_trainable(ours, scale=0.3)
+    export_peft(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert (config["task_type"], config["num_transformer_submodules"]) == ("SEQ_2_SEQ_LM", 1)
+    loaded = peft.PeftModel.from_pretrained(tiny_t5_lm(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, ours(**inputs).logits, rtol=1e-4, atol=1e-4)
+
+    theirs = peft.get_peft_model(tiny_t5_lm(), THEIRS[method]("SEQ_2_SEQ_LM"))
+    perturb_trainable(theirs, scale=0.3)
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert load_file(tmp_path / "theirs" / "adapter_model.safetensors")["prompt_embeddings"].shape == (6, 32)
+    theirs.eval()
+    back = tiny_t5_lm()
+    import_peft(back, tmp_path / "theirs")
+    assert back.prompt_encoder.embedding.weight.shape == (3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**inputs).logits, theirs(**inputs).logits, rtol=1e-4, atol=1e-4)
+    del inputs["labels"]
+    kw = dict(max_new_tokens=5, do_sample=False)
+    assert torch.equal(back.generate(**inputs, **kw), theirs.generate(**inputs, **kw))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, BertTokenizer, GPT2LMHeadModel
+from transformers import AutoConfig, BertTokenizer, GPT2LMHeadModel, T5ForConditionalGeneration
 
 import lightning_peft as lp
 from lightning_peft.tuners.prompt import PromptTuningConfig
@@ -19,6 +19,24 @@ peft = pytest.importorskip("peft")
 def tiny_gpt2_lm(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     return GPT2LMHeadModel(AutoConfig.for_model("gpt2", vocab_size=VOCAB, **TINY_CONFIGS["gpt2"])).eval()
+
+
+def tiny_t5_lm(seed: int = 0) -> T5ForConditionalGeneration:
+    """Weights scaled up so that greedy generation is not one token repeated (a prompt then shows)."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model("t5", vocab_size=VOCAB, **TINY_CONFIGS["t5"])
+    model = T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    return model
+
+
+def t5_inputs() -> dict[str, torch.Tensor]:
+    """Encoder inputs (second row right-padded) and decoder labels."""
+    inputs = padded_inputs("t5")
+    inputs["labels"] = inputs.pop("decoder_input_ids").contiguous()
+    return inputs
 
 
 def padded_inputs(family: str) -> dict[str, torch.Tensor]:
@@ -136,7 +154,37 @@ def test_bad_input_is_refused() -> None:
         PromptTuningConfig(init="text", tokenizer="x")
     with pytest.raises(ValueError, match="target_modules must be None"):
         PromptTuningConfig(target_modules=["query"])
-    with pytest.raises(ValueError, match="encoder-decoder"):
-        lp.inject(tiny_model("t5"), PromptTuningConfig())
     with pytest.raises(ValueError, match="Hugging Face transformer"):
         lp.inject(torch.nn.Linear(2, 2), PromptTuningConfig())
+
+
+def test_t5_forward_loss_and_generate_equal_peft() -> None:
+    """Virtual tokens reach T5's encoder also in generate(), which runs the encoder directly; the decoder
+    and the labels are untouched (peft's SEQ_2_SEQ_LM prompt tuning; its second n rows are unused)."""
+    ours = tiny_t5_lm()
+    lp.inject(ours, PromptTuningConfig(num_virtual_tokens=3))
+    with torch.no_grad():
+        ours.prompt_encoder.embedding.weight.mul_(5.0)
+    theirs = peft.get_peft_model(
+        tiny_t5_lm(), peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)
+    )
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight[:3].copy_(ours.prompt_encoder.embedding.weight)
+    theirs.eval()
+    inputs = t5_inputs()
+    a, b = ours(**inputs), theirs(**inputs)
+    assert a.logits.shape == (2, 4, VOCAB) and a.encoder_last_hidden_state.shape == (2, 3 + 7, 32)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-6, atol=1e-6)
+    # The padded encoder position is masked for the decoder's cross-attention too.
+    changed = {k: v.clone() for k, v in inputs.items()}
+    changed["input_ids"][1, 6] = 50
+    torch.testing.assert_close(ours(**changed).logits, a.logits, rtol=0, atol=0)
+    del inputs["labels"]
+    kw = dict(max_new_tokens=6, do_sample=False)
+    generated = ours.generate(**inputs, **kw)
+    assert torch.equal(generated, theirs.generate(**inputs, **kw))
+    base = tiny_t5_lm().generate(**inputs, **kw)
+    assert not torch.equal(generated, base)
+    with lp.disable_adapters(ours):
+        assert torch.equal(ours.generate(**inputs, **kw), base)

@@ -9,7 +9,7 @@ import torch
 import lightning_peft as lp
 from lightning_peft.tuners.ptuning import PTuningConfig
 from tests.conftest import model_inputs, perturb_trainable, tiny_model
-from tests.tuners.test_prompt import padded_inputs, tiny_gpt2_lm
+from tests.tuners.test_prompt import padded_inputs, t5_inputs, tiny_gpt2_lm, tiny_t5_lm
 
 peft = pytest.importorskip("peft")
 
@@ -17,6 +17,7 @@ peft = pytest.importorskip("peft")
 def _twin(model: torch.nn.Module, task: str, ours: torch.nn.Module, config: PTuningConfig) -> torch.nn.Module:
     cfg = peft.PromptEncoderConfig(
         task_type=task,
+        num_transformer_submodules=1,  # seq2seq: n tokens through the encoder, as ours (peft's default is 2n)
         num_virtual_tokens=config.num_virtual_tokens,
         encoder_reparameterization_type=config.encoder.upper(),
         encoder_hidden_size=config.encoder_hidden_size,
@@ -53,6 +54,24 @@ def test_gpt2_logits_and_generate_equal_peft(encoder: str) -> None:
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-6, atol=1e-6)
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(**inputs, **kw), theirs.generate(**inputs, **kw))
+
+
+def test_t5_logits_loss_and_generate_equal_peft() -> None:
+    config = PTuningConfig(num_virtual_tokens=2, encoder="lstm", encoder_hidden_size=16)
+    ours = tiny_t5_lm()
+    lp.inject(ours, config)
+    perturb_trainable(ours, scale=0.5)
+    theirs = _twin(tiny_t5_lm(), "SEQ_2_SEQ_LM", ours, config)
+    inputs = t5_inputs()
+    a, b = ours(**inputs), theirs(**inputs)
+    assert a.encoder_last_hidden_state.shape == (2, 2 + 7, 32)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-6, atol=1e-6)
+    del inputs["labels"]
+    kw = dict(max_new_tokens=6, do_sample=False)
+    generated = ours.generate(**inputs, **kw)
+    assert torch.equal(generated, theirs.generate(**inputs, **kw))
+    assert not torch.equal(generated, tiny_t5_lm().generate(**inputs, **kw))
 
 
 def test_encoder_couples_the_tokens_and_trains() -> None:
