@@ -8,13 +8,15 @@ The reference runs one forward per task with only its adapter active
 A third variant runs the parallel batch with AdapterDrop's lowest 5 layers dropped.
 
 The model is BERT-base-shaped (12 layers, hidden 768, random weights) with three Pfeiffer adapters; the
-batch is split evenly across the tasks. Variants run round-robin after a warm-up under
+batch is split evenly across the tasks. Short inputs show the saved per-forward overhead; at 128
+tokens the forward is compute-bound and one forward of 3x the rows costs about as much as 3 forwards.
+Variants run round-robin after a warm-up under
 ``torch.inference_mode``, summarised by their medians (DESIGN.md 9).
 
 Run::
 
-    .venv/bin/python benchmarks/multitask_inference.py                  # 3 tasks x 2 samples x 128 tokens
-    .venv/bin/python benchmarks/multitask_inference.py --rounds 2 --seq 32   # quick check
+    .venv/bin/python benchmarks/multitask_inference.py          # 3 tasks x 2 samples, 32 and 128 tokens
+    .venv/bin/python benchmarks/multitask_inference.py --rounds 2 --seqs 16   # quick check
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--rounds", type=int, default=12, help="timed round-robin rounds")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--per-task", type=int, default=2, help="samples per task")
-    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--seqs", type=int, nargs="+", default=[32, 128], help="sequence lengths")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least disturbed by neighbours)")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/)")
     args = ap.parse_args(argv)
@@ -81,26 +83,32 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         torch.set_num_threads(args.threads)
 
     model = build()
-    inputs = {}
-    for i, name in enumerate(TASKS):
-        b = random_batch(args.per_task, args.seq, BertConfig().vocab_size, seed=i)
-        inputs[name] = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
-    with torch.inference_mode():
-        seq_out, par_out = run_sequential(model, inputs), run_parallel(model, inputs)
-    max_diff = max(float((seq_out[n] - par_out[n]).abs().max()) for n in TASKS)
+    results: dict[str, object] = {}
+    max_diff = 0.0
+    for seq in args.seqs:
+        inputs = {}
+        for i, name in enumerate(TASKS):
+            b = random_batch(args.per_task, seq, BertConfig().vocab_size, seed=i)
+            inputs[name] = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+        with torch.inference_mode():
+            seq_out, par_out = run_sequential(model, inputs), run_parallel(model, inputs)
+        max_diff = max(max_diff, *(float((seq_out[n] - par_out[n]).abs().max()) for n in TASKS))
 
-    fns = variants(model, inputs)
-    times = interleaved_times(fns, rounds=args.rounds, warmup=args.warmup)
-    stats = {name: summarize(t) for name, t in times.items()}
-    ref = stats["one_by_one"]["median_ms"]
-    rows = []
-    for name in fns:
-        ms = stats[name]["median_ms"]
-        stats[name]["speedup_vs_one_by_one"] = ref / ms
-        rows.append([name, f"{ms:.0f}", f"{stats[name]['iqr_ms']:.0f}", f"{ref / ms:.2f}x"])
-    total = args.per_task * len(TASKS)
-    print(f"\nMulti-task inference, BERT-base shape, {len(TASKS)} Pfeiffer adapters, {total} x {args.seq}")
-    print_table(["variant", "median ms", "IQR ms", "speed-up"], rows)
+        fns = variants(model, inputs)
+        times = interleaved_times(fns, rounds=args.rounds, warmup=args.warmup)
+        stats = {name: summarize(t) for name, t in times.items()}
+        ref = stats["one_by_one"]["median_ms"]
+        rows = []
+        for name in fns:
+            ms = stats[name]["median_ms"]
+            stats[name]["speedup_vs_one_by_one"] = ref / ms
+            rows.append([name, f"{ms:.0f}", f"{stats[name]['iqr_ms']:.0f}", f"{ref / ms:.2f}x"])
+        total = args.per_task * len(TASKS)
+        print(f"\nMulti-task inference, BERT-base shape, {len(TASKS)} Pfeiffer adapters, {total} x {seq}")
+        print_table(["variant", "median ms", "IQR ms", "speed-up"], rows)
+        results[f"seq_{seq}"] = {
+            name: {**stats[name], "samples_ms": [t * 1e3 for t in times[name]]} for name in fns
+        }
     print(f"\nmax |parallel - one_by_one| = {max_diff:.2e}")
 
     payload: dict[str, object] = {
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "adapters": "3 named Pfeiffer bottleneck adapters (reduction 16), one per task",
             "tasks": len(TASKS),
             "per_task": args.per_task,
-            "seq": args.seq,
+            "seqs": args.seqs,
             "rounds": args.rounds,
             "warmup": args.warmup,
             "torch_threads": torch.get_num_threads(),
@@ -122,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         },
         "machine": machine_info(),
         "max_abs_diff_parallel_vs_one_by_one": max_diff,
-        "results": {name: {**stats[name], "samples_ms": [t * 1e3 for t in times[name]]} for name in fns},
+        "results": results,
     }
     path = write_json("multitask_inference", payload, args.out)
     print(f"wrote {path}")
