@@ -29,6 +29,13 @@ from lightning_peft.tuners.bitfit import BitFitConfig
 from lightning_peft.tuners.bottleneck import BottleneckConfig
 from lightning_peft.tuners.compacter import CompacterConfig, CompacterPlusPlusConfig
 from lightning_peft.tuners.fusion import FusionConfig, fusion_weights
+from lightning_peft.tuners.kadapter import (
+    KAdapterConfig,
+    add_kadapter,
+    kadapter_features,
+    kadapter_output,
+    train_kadapter,
+)
 from lightning_peft.tuners.lora import LoRAConfig
 from lightning_peft.tuners.prefix import PrefixTuningConfig, fold_prefix
 from lightning_peft.tuners.prompt import PromptTuningConfig
@@ -44,6 +51,7 @@ __all__ = [
     "CompacterConfig",
     "CompacterPlusPlusConfig",
     "FusionConfig",
+    "KAdapterConfig",
     "LoRAConfig",
     "PTuningConfig",
     "ParamSummary",
@@ -51,6 +59,7 @@ __all__ = [
     "PromptTuningConfig",
     "TunerConfig",
     "UnifiedConfig",
+    "add_kadapter",
     "available_tuners",
     "config_from_dict",
     "disable_adapters",
@@ -58,12 +67,15 @@ __all__ = [
     "fusion_weights",
     "get_config",
     "inject",
+    "kadapter_features",
+    "kadapter_output",
     "load_trainable_state_dict",
     "mark_trainable",
     "merge",
     "param_summary",
     "register_tuner",
     "set_adapter_drop",
+    "train_kadapter",
     "trainable_state_dict",
     "unload",
     "unmerge",
