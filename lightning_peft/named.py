@@ -31,11 +31,7 @@ from torch import Tensor, nn
 
 from lightning_peft.api import mark_trainable
 from lightning_peft.config import TunerConfig, config_from_dict
-from lightning_peft.families import part_regex
 from lightning_peft.layers import TRAINABLE_ATTR, Adapter, mark, replace_module
-from lightning_peft.targeting import find_modules
-from lightning_peft.tuners.bottleneck import BottleneckAdapter, BottleneckConfig
-from lightning_peft.tuners.compacter import STYLE_PARTS, output_width
 
 __all__ = [
     "AdapterStack",
@@ -105,39 +101,18 @@ class AdapterStack(nn.Module):
 def build_adapters(config: TunerConfig, model: nn.Module) -> dict[str, nn.Module]:
     """Fresh adapters for ``config`` on ``model``: ``{placement module name: adapter}``.
 
-    Supported: :class:`BottleneckConfig` and any config with a ``build_adapters(model)`` method
-    (Compacter, Compacter++).
+    Supported: any config with a ``build_adapters(model)`` method (Bottleneck, Compacter, Compacter++).
     """
-    custom = getattr(config, "build_adapters", None)
-    if callable(custom):
-        return custom(model)
-    if not isinstance(config, BottleneckConfig):
+    if getattr(config, "train_layer_norms", False):
+        raise ValueError("named adapters cannot train the base LayerNorms (they are shared by every adapter)")
+    build = getattr(config, "build_adapters", None)
+    if not callable(build):
         raise TypeError(
             "named adapters are bottleneck-style (BottleneckConfig, CompacterConfig, "
-            f"CompacterPlusPlusConfig); "
+            "CompacterPlusPlusConfig); "
             f"got {type(config).__name__}"
         )
-    if config.train_layer_norms:
-        raise ValueError("named adapters cannot train the base LayerNorms (they are shared by every adapter)")
-    if config.target_modules is None:
-        targets: list[str] | str = "|".join(
-            f"(?:{part_regex(model, p, owner='BottleneckConfig')})" for p in STYLE_PARTS[config.style]
-        )
-    else:
-        targets = config.target_modules
-    out: dict[str, nn.Module] = {}
-    for name in find_modules(model, targets, exclude=config.exclude_modules, layers=config.layers):
-        base = model.get_submodule(name)
-        d = output_width(base, name)
-        m = config.bottleneck_size or max(1, int(d // config.reduction_factor))
-        adapter = BottleneckAdapter(
-            d, m, activation=config.activation, scaling=config.scaling, init=config.init
-        )
-        ref = next(base.parameters(), None)
-        if ref is not None:
-            adapter.to(device=ref.device, dtype=ref.dtype)
-        out[name] = adapter
-    return out
+    return build(model)
 
 
 # -- registry on the model root ----------------------------------------------------------------------
