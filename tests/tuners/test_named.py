@@ -147,3 +147,11 @@ def test_disable_adapters_switches_stacks_off() -> None:
     with lp.disable_adapters(model):
         torch.testing.assert_close(first_output(model, model_inputs("bert")), base)
     assert not torch.allclose(first_output(model, model_inputs("bert")), base)
+
+
+def test_named_adapters_refuse_shared_layer_norms_and_other_methods() -> None:
+    model = tiny_model("bert")
+    with pytest.raises(ValueError, match="cannot train the base LayerNorms"):
+        named.add_adapter(model, "a", lp.BottleneckConfig(train_layer_norms=True))
+    with pytest.raises(TypeError, match="bottleneck-style"):
+        named.add_adapter(model, "b", lp.LoRAConfig(target_modules=["query"]))
