@@ -22,6 +22,13 @@ the prompt (``modules_to_save``, e.g. a classifier) are stored by peft as ``base
 ``task_type`` is read from the model class (``...ForCausalLM`` -> ``CAUSAL_LM``, a bare encoder ->
 ``FEATURE_EXTRACTION``, ...), since peft picks the forward that inserts the prompt by it.
 
+Prefix tuning on encoder-decoder models (T5): peft prefixes the decoder's self-attention only, so we
+export ``sites=["decoder_self"]`` and import as that. peft cuts its ``(l, 2 L w)`` table into ``L`` slots
+but decoder layer ``i`` reads slot ``2i mod L`` (its key/value split interleaves the self- and
+cross-attention halves; the cross half is then discarded), see :func:`peft_seq2seq_prefix_slots`. With
+an even ``L`` two layers share a slot, so a table whose layers ``i`` and ``i + L/2`` differ has no peft
+form and is refused.
+
 Refused: prefix tuning with ``shift_positions=False`` (peft always shifts positions), peft options that
 change the computation (multi-task prompts, ``num_transformer_submodules`` other than ours).
 """
@@ -31,13 +38,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_peft.export.hf_peft import register_peft_format
 from lightning_peft.tuners.prefix import PrefixEncoder, PrefixTuningConfig
 from lightning_peft.tuners.prompt import PROMPT_ATTR, PromptTuningConfig, VirtualTokens, hf_root
 
-__all__ = ["PTuningFormat", "PrefixTuningFormat", "PromptTuningFormat", "task_type_of"]
+__all__ = [
+    "PTuningFormat",
+    "PrefixTuningFormat",
+    "PromptTuningFormat",
+    "peft_seq2seq_prefix_slots",
+    "task_type_of",
+]
 
 #: peft's key for the prompt-learning tensor, and its prefix for ``modules_to_save`` tensors.
 PROMPT_KEY = "prompt_embeddings"
@@ -217,6 +231,21 @@ class PTuningFormat(PromptTuningFormat):
         }
 
 
+def peft_seq2seq_prefix_slots(layers: int) -> list[int]:
+    """The slot of peft's prefix table that decoder layer ``i`` of an encoder-decoder model reads.
+
+    peft views the table as ``(l, 2L, H, D)``, repeats it along the layer axis to ``4L`` rows and splits
+    those into ``L`` groups of four (self key, self value, cross key, cross value): group ``i`` starts at
+    row ``4i``, which is row ``4i mod 2L`` of the original, i.e. slot ``2i mod L``.
+    """
+    return [(2 * i) % layers for i in range(layers)]
+
+
+def _by_layer(table: Tensor, layers: int) -> Tensor:
+    """``(l, L * 2w) -> (l, L, 2w)``: one column block per layer (key/value, head, head dim inside)."""
+    return table.reshape(table.shape[0], layers, -1)
+
+
 class PrefixTuningFormat(_PromptLearningFormat):
     """Exported folded (plain prefixes, whatever ``projection`` was); imported as plain prefixes."""
 
@@ -233,6 +262,58 @@ class PrefixTuningFormat(_PromptLearningFormat):
         assert isinstance(module, PrefixEncoder)
         return module.all_prefixes()  # (l, 2 L w)
 
+    def to_peft_weights(self, inside: Mapping[str, Tensor], root: nn.Module) -> dict[str, Tensor]:
+        out = super().to_peft_weights(inside, root)
+        if _submodules(root) == 2:  # decoder layer i -> slot 2i mod L (checked representable on export)
+            table = out[PROMPT_KEY]
+            layers = table.shape[1] // self._width(root)
+            ours, peft_slots = _by_layer(table, layers), torch.zeros_like(_by_layer(table, layers))
+            for i, slot in enumerate(peft_seq2seq_prefix_slots(layers)):
+                peft_slots[:, slot] = ours[:, i]
+            out[PROMPT_KEY] = peft_slots.reshape(table.shape)
+        return out
+
+    def from_peft_weights(self, weights: Mapping[str, Tensor], root: nn.Module) -> dict[str, Tensor]:
+        out = super().from_peft_weights(weights, root)
+        if _submodules(root) == 2:
+            (key,) = [k for k in out if k.endswith(f"{PROMPT_ATTR}.embedding.weight")]
+            peft_table = out[key]
+            layers = peft_table.shape[1] // self._width(root)
+            slots = peft_seq2seq_prefix_slots(layers)
+            out[key] = _by_layer(peft_table, layers)[:, slots].reshape(peft_table.shape)
+        return out
+
+    @staticmethod
+    def _width(root: nn.Module) -> int:
+        encoder = _module(root, PrefixTuningFormat().adapter_modules(root), PrefixEncoder)
+        assert isinstance(encoder, PrefixEncoder)
+        return 2 * encoder.heads * encoder.head_dim
+
+    def _check_seq2seq(self, config: PrefixTuningConfig, root: nn.Module, encoder: PrefixEncoder) -> None:
+        if config.sites != ["decoder_self"]:
+            raise ValueError(
+                f"peft's prefix tuning on {type(root).__name__} prefixes the decoder's self-attention only; "
+                f"this adapter has sites={config.sites or ['encoder_self', 'decoder_self', 'cross']}: train "
+                'with PrefixTuningConfig(sites=["decoder_self"]) to export it'
+            )
+        text = _owner(root).config
+        decoder_layers = int(getattr(text, "num_decoder_layers", None) or text.num_hidden_layers)
+        if decoder_layers != int(text.num_hidden_layers):
+            raise ValueError(
+                f"peft sizes the prefix table by the encoder's {text.num_hidden_layers} layers, but the "
+                f"decoder has {decoder_layers}: no peft form"
+            )
+        table = _by_layer(encoder.all_prefixes().detach(), encoder.num_layers)
+        slots = peft_seq2seq_prefix_slots(encoder.num_layers)
+        for i, slot in enumerate(slots):
+            j = slots.index(slot)
+            if j != i and not torch.equal(table[:, i], table[:, j]):
+                raise ValueError(
+                    f"peft's layout gives decoder layers {j} and {i} the same prefix (slot {slot} of "
+                    f"{encoder.num_layers}: peft reads slot 2i mod L), but this adapter trained different "
+                    "prefixes for them, so it has no peft form; keep it in this library's format"
+                )
+
     def to_peft_config(
         self, config: Any, root: nn.Module, adapters: list[str], modules_to_save: list[str]
     ) -> dict[str, Any]:
@@ -244,6 +325,8 @@ class PrefixTuningFormat(_PromptLearningFormat):
             )
         encoder = _module(root, adapters, PrefixEncoder)
         assert isinstance(encoder, PrefixEncoder)
+        if _submodules(root) == 2:
+            self._check_seq2seq(config, root, encoder)
         return {
             **_common(root, adapters, modules_to_save, config.num_virtual_tokens, _submodules(root)),
             # peft's (num_attention_heads, token_dim) describe the key/value heads the prefix is cut into.
@@ -259,6 +342,7 @@ class PrefixTuningFormat(_PromptLearningFormat):
         return PrefixTuningConfig(
             num_virtual_tokens=int(data["num_virtual_tokens"]),
             modules_to_save=self.modules_to_save(data, root),
+            sites=["decoder_self"] if _submodules(root) == 2 else None,
         )
 
 

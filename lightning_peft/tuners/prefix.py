@@ -19,7 +19,16 @@ bottom-right aligned), and runs dense SDPA, or, when an efficient variant was sw
 Positions: as in Li & Liang's and Hugging Face PEFT's ``past_key_values`` implementations, the real tokens
 start at position ``l`` (``shift_positions=True``); with ``False`` they keep the positions they would have
 without a prefix. The tensor layout and names (``prompt_encoder.embedding``, ``.transform``) follow PEFT, so
-its prefix weights move over as they are. Supported: BERT/RoBERTa (encoder or decoder), GPT-2, Llama.
+its prefix weights move over as they are. Supported: BERT/RoBERTa (encoder or decoder), GPT-2, Llama,
+Mistral, Qwen2, and T5 / mT5 (encoder-decoder).
+
+Encoder-decoder models (T5): Li & Liang prepend prefixes to the encoder's self-attention, the decoder's
+self-attention and the cross-attention; ``sites`` picks which of ``"encoder_self"``, ``"decoder_self"`` and
+``"cross"`` get one (default: all three). Hugging Face PEFT's prefix tuning on T5 reaches the decoder's
+self-attention only (``sites=("decoder_self",)``). T5 has no position embeddings: its relative position
+bias is added to the attention scores, so the prefix keys get the bias of positions ``0 .. l-1`` with the
+real tokens at ``l, l+1, ...`` (what PEFT's cached prefixes get), or no bias with ``shift_positions=False``;
+cross-attention has no position bias.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from lightning_peft.attention.swap import (
     key_padding_from_mask,
     swapped,
 )
-from lightning_peft.config import TunerConfig, check_positive, register_tuner
+from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
 from lightning_peft.layers import mark
 from lightning_peft.tuners.prompt import (
     PROMPT_ATTR,
@@ -65,7 +74,24 @@ _ATTENTION: dict[str, tuple[tuple[str, ...], bool]] = {
     "llama": (("LlamaAttention",), True),
     "mistral": (("MistralAttention",), True),
     "qwen2": (("Qwen2Attention",), True),
+    "t5": (("T5Attention",), False),
+    "mt5": (("MT5Attention",), False),
 }
+
+#: Attention sites of an encoder-decoder model (Li & Liang's three prefixes).
+SITES = ("encoder_self", "decoder_self", "cross")
+
+
+@dataclass(frozen=True)
+class _Site:
+    """What a prefixed attention module needs, kept in its ``__dict__`` (not a submodule: the parameters
+    live on the Hugging Face root). ``bias_owner``: the attention module holding the stack's relative
+    position bias table (T5), whose buckets the prefix keys are scored with."""
+
+    encoder: PrefixEncoder
+    index: int
+    causal: bool
+    bias_owner: nn.Module | None = None
 
 
 class PrefixEncoder(nn.Module):
@@ -90,6 +116,9 @@ class PrefixEncoder(nn.Module):
         self.disabled = False
         self.shift_positions = True
         self.causal = False
+        #: Positions enter the attention scores (T5's relative bias): the shift happens in the attention
+        #: function, the model takes no ``position_ids``.
+        self.relative_positions = False
         mark(self)
 
     def layer_kv(self, i: int) -> Tensor:
@@ -128,7 +157,7 @@ class PrefixEncoder(nn.Module):
                 f"uses {model.config._attn_implementation!r} (attention swapped after injection?): swap the "
                 "attention first, then inject the prefix"
             )
-        if self.disabled or not self.shift_positions:
+        if self.disabled or not self.shift_positions or self.relative_positions:
             return args, kwargs
         kwargs = call_kwargs(model, args, kwargs)
         pos = kwargs.get("position_ids")
@@ -148,6 +177,28 @@ class PrefixEncoder(nn.Module):
         )
 
 
+def _prefix_position_bias(site: _Site, heads: int, tq: int, tk: int, like: Tensor) -> Tensor:
+    """``(1, H, Tq, l)`` relative position bias of the prefix keys (zeros without a bias table).
+
+    The real tokens sit at positions ``l, l+1, ...`` and the prefix at ``0 .. l-1`` (``shift_positions``);
+    with a KV cache the ``Tq`` queries are the last of the ``Tk`` real keys (causal decoding), so query
+    ``i`` is at ``l + Tk - Tq + i``. These are the positions PEFT's cached prefixes get in T5.
+    """
+    n = site.encoder.num_virtual_tokens
+    owner = site.bias_owner
+    if owner is None or not site.encoder.shift_positions:
+        return like.new_zeros(1, heads, tq, n)
+    query_pos = torch.arange(tq, device=like.device) + (tk - tq) + n  # (Tq,)
+    relative = torch.arange(n, device=like.device)[None, :] - query_pos[:, None]  # (Tq, l), all < 0
+    buckets = owner._relative_position_bucket(
+        relative,
+        bidirectional=not owner.is_decoder,
+        num_buckets=owner.relative_attention_num_buckets,
+        max_distance=owner.relative_attention_max_distance,
+    )
+    return owner.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0).to(like.dtype)
+
+
 def _prefix_attention(
     module: nn.Module,
     query: Tensor,
@@ -156,32 +207,48 @@ def _prefix_attention(
     attention_mask: Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    position_bias: Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
-    """``AttentionInterface`` entry: prepend layer ``i``'s prefix to ``(B, H, T, D)`` keys and values."""
+    """``AttentionInterface`` entry: prepend layer ``i``'s prefix to ``(B, H, T, D)`` keys and values.
+
+    ``position_bias`` (T5: ``(1 or B, H, Tq, Tk)``, added to the scores) is extended over the prefix keys.
+    """
     padding = key_padding_from_mask(attention_mask, key.shape[2])  # (B, Tk) or None
-    entry = module.__dict__.get(_LAYER_ATTR)
-    if entry is not None and not entry[0].disabled:
-        encoder, index = entry
-        B, n = key.shape[0], encoder.num_virtual_tokens
-        pk, pv = encoder.layer_kv(index).to(key.dtype)  # (H, l, D) each
+    site: _Site | None = module.__dict__.get(_LAYER_ATTR)
+    active = site is not None and not site.encoder.disabled
+    tk_real = key.shape[2]
+    if active:
+        assert site is not None
+        B, n = key.shape[0], site.encoder.num_virtual_tokens
+        pk, pv = site.encoder.layer_kv(site.index).to(key.dtype)  # (H, l, D) each
         key = torch.cat([pk.expand(B, -1, -1, -1), key], dim=2)
         value = torch.cat([pv.expand(B, -1, -1, -1), value], dim=2)
         if padding is not None:
             padding = torch.cat([padding.new_ones(B, n), padding], dim=1)
     if module._modules.get("attention_variant") is not None:  # a swapped variant takes num_prefix keys
+        if position_bias is not None:
+            raise NotImplementedError("a swapped attention variant cannot add a relative position bias")
         return _variant_attention(module, query, key, value, padding, scaling, dropout, **kwargs)
     groups = int(getattr(module, "num_key_value_groups", 1))
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     tq, tk = query.shape[2], key.shape[2]
     mask = None if padding is None else padding[:, None, None, :]  # (B, 1, 1, Tk)
-    causal = entry[0].causal if entry is not None else bool(getattr(module, "is_causal", False))
+    causal = site.causal if site is not None else bool(getattr(module, "is_causal", False))
     if causal and tq > 1:  # bottom-right aligned: query i sees keys j <= i + (Tk - Tq), prefixes included
         j = torch.arange(tk, device=query.device)
         allowed = j[None, :] <= torch.arange(tq, device=query.device)[:, None] + (tk - tq)  # (Tq, Tk)
         mask = allowed if mask is None else mask & allowed
+    attn_mask: Tensor | None = mask
+    if position_bias is not None:  # additive scores: the bias, and -inf where the boolean mask forbids
+        bias = position_bias.to(query.dtype)
+        if active:
+            assert site is not None
+            extra = _prefix_position_bias(site, query.shape[1], tq, tk_real, bias)
+            bias = torch.cat([extra.expand(bias.shape[0], -1, -1, -1), bias], dim=-1)
+        attn_mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
     out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout if module.training else 0.0, scale=scaling
     )
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
 
@@ -208,19 +275,58 @@ def _check_swap(root: nn.Module) -> None:
         )
 
 
+def _site_of(path: str, module: nn.Module) -> str:
+    """``encoder_self`` / ``decoder_self`` / ``cross`` for an attention module of an encoder-decoder model."""
+    if path.rsplit(".", 1)[-1] == "EncDecAttention" or getattr(module, "is_cross_attention", False):
+        return "cross"
+    return "decoder_self" if getattr(module, "is_decoder", False) else "encoder_self"
+
+
+def _bias_owner(root: nn.Module, path: str) -> nn.Module | None:
+    """The module holding the relative position bias table of ``path``'s stack (T5: block 0's
+    self-attention; the other layers reuse its bias), or ``None`` when the model has none."""
+    stack = path.split(".block.", 1)[0] if ".block." in path else ""
+    for name, m in root.named_modules():
+        if name.startswith(stack) and getattr(m, "has_relative_attention_bias", False):
+            return m
+    return None
+
+
+def _attention_sites(
+    root: nn.Module, names: tuple[str, ...], sites: tuple[str, ...] | None, owner: str
+) -> list[tuple[str, nn.Module, str]]:
+    """``(path, module, site)`` of every attention module that gets a prefix, in model order."""
+    found = [(p, m) for p, m in root.named_modules() if type(m).__name__ in names]
+    if not getattr(root.config, "is_encoder_decoder", False):
+        if sites is not None:
+            raise ValueError(
+                f"{owner}.sites applies to encoder-decoder models; {type(root).__name__} has one stack: "
+                "leave sites=None (every self-attention layer gets a prefix)"
+            )
+        return [
+            (p, m, "self")
+            for p, m in found
+            if "crossattention" not in p and not getattr(m, "is_cross_attention", 0)
+        ]
+    chosen = SITES if sites is None else sites
+    return [(p, m, site) for p, m in found if (site := _site_of(p, m)) in chosen]
+
+
 def inject_prefix(
     model: nn.Module,
     n: int,
     hidden: int | None,
     *,
     shift_positions: bool = True,
+    sites: tuple[str, ...] | None = None,
     owner: str = "PrefixTuningConfig",
 ) -> str:
-    """Attach a :class:`PrefixEncoder` to every self-attention layer of the Hugging Face model in ``model``.
+    """Attach a :class:`PrefixEncoder` to the attention layers of the Hugging Face model in ``model``:
+    every self-attention layer, or, in an encoder-decoder model, those of ``sites`` (default all).
 
     Returns the qualified name of the prefix module.
     """
-    root = hf_root(model, owner)
+    root = hf_root(model, owner, encoder_decoder=True)
     config = root.config
     family = config.model_type
     if family not in _ATTENTION:
@@ -233,38 +339,47 @@ def inject_prefix(
             f"{owner}: relative position scores (position_embedding_type) cannot cover prefix keys"
         )
     names, always_causal = _ATTENTION[family]
-    layers = [
-        m
-        for path, m in root.named_modules()
-        if type(m).__name__ in names
-        and "crossattention" not in path
-        and not getattr(m, "is_cross_attention", 0)
-    ]
+    found = _attention_sites(root, names, sites, owner)
+    layers = [m for _, m, _ in found]
     if not layers or not all(_routes_through_interface(m) for m in layers):
         raise ValueError(
-            f"{owner}: {type(root).__name__}'s attention does not run through AttentionInterface"
+            f"{owner}: {type(root).__name__}'s attention does not run through AttentionInterface "
+            "(transformers too old for this family?)"
         )
     _check_swap(root)
     if PROMPT_ATTR in root._modules:
         raise ValueError(f"{owner}: {type(root).__name__} already has a {PROMPT_ATTR!r} module")
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(layers[0], "head_dim", None) or getattr(layers[0], "attention_head_size", None)
+    first = layers[0]
+    head_dim = (
+        getattr(first, "head_dim", None)
+        or getattr(first, "attention_head_size", None)
+        or getattr(first, "key_value_proj_dim", None)
+    )
     encoder = PrefixEncoder(n, len(layers), int(kv_heads), int(head_dim), hidden)
     weight = root.get_input_embeddings().weight
     encoder.to(device=weight.device, dtype=weight.dtype)
     encoder.shift_positions = shift_positions
     encoder.causal = always_causal or bool(getattr(config, "is_decoder", False))
+    encoder.relative_positions = any(hasattr(m, "relative_attention_bias") for m in root.modules())
     root.add_module(PROMPT_ATTR, encoder)
-    for i, layer in enumerate(layers):
-        layer.__dict__[_LAYER_ATTR] = (encoder, i)  # a plain reference: the parameters live on the root
+    for i, (path, layer, site) in enumerate(found):
+        if site == "self":
+            entry = _Site(encoder, i, encoder.causal)
+        else:  # encoder-decoder: causality and the bias table belong to the site
+            owner_module = None if site == "cross" else _bias_owner(root, path)
+            entry = _Site(encoder, i, bool(getattr(layer, "is_causal", False)), owner_module)
+        layer.__dict__[_LAYER_ATTR] = entry  # a plain reference: the parameters live on the root
     root.register_forward_pre_hook(encoder.shift, with_kwargs=True)
     _register()  # a variant swapped in before (INTERFACE_KEY) is reached from inside the wrapper
     setter = getattr(root, "set_attn_implementation", None)
     if callable(setter):
         with contextlib.suppress(ValueError, KeyError):
             setter(PREFIX_KEY)
-    if config._attn_implementation != PREFIX_KEY:
-        config._attn_implementation = PREFIX_KEY
+    for module in root.modules():  # sub-configs (T5's encoder and decoder stacks keep their own copies)
+        sub = getattr(module, "config", None)
+        if getattr(sub, "_attn_implementation", PREFIX_KEY) != PREFIX_KEY:
+            sub._attn_implementation = PREFIX_KEY
     path = next(name for name, m in model.named_modules() if m is root)
     return f"{path}.{PROMPT_ATTR}" if path else PROMPT_ATTR
 
@@ -288,10 +403,14 @@ class PrefixTuningConfig(TunerConfig):
         projection: produce the prefixes with an MLP during training (fold it with :func:`fold_prefix`).
         encoder_hidden_size: the MLP's hidden width ``h``.
         shift_positions: real tokens start at position ``l`` (Li & Liang, PEFT); ``False`` keeps positions.
+        sites: encoder-decoder models only: which of ``"encoder_self"``, ``"decoder_self"``, ``"cross"``
+            get prefixes (``None``: all three, as in Li & Liang; ``["decoder_self"]`` is what Hugging Face
+            PEFT prefixes on T5).
 
     Example::
 
         PrefixTuningConfig(num_virtual_tokens=30, projection=True, encoder_hidden_size=512)
+        PrefixTuningConfig(num_virtual_tokens=10, sites=["decoder_self"])  # T5, PEFT's placement
     """
 
     #: Untrained prefix keys still take attention weight: outputs change.
@@ -301,13 +420,30 @@ class PrefixTuningConfig(TunerConfig):
     projection: bool = False
     encoder_hidden_size: int = 512
     shift_positions: bool = True
+    sites: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_prompt_fields(self, "PrefixTuningConfig")
         _check_tokens("PrefixTuningConfig", self.num_virtual_tokens)
         check_positive("PrefixTuningConfig", "encoder_hidden_size", self.encoder_hidden_size)
+        if self.sites is not None:
+            if isinstance(self.sites, str) or not self.sites:
+                raise ValueError(
+                    f"PrefixTuningConfig.sites must be a non-empty list drawn from {list(SITES)}, "
+                    f"got {self.sites!r}"
+                )
+            self.sites = list(self.sites)
+            for site in self.sites:
+                check_choice("PrefixTuningConfig", "sites", site, SITES)
+            if len(set(self.sites)) != len(self.sites):
+                raise ValueError(f"PrefixTuningConfig.sites lists a site twice: {self.sites}")
 
     def apply(self, model: nn.Module) -> list[str]:
         hidden = self.encoder_hidden_size if self.projection else None
-        return [inject_prefix(model, self.num_virtual_tokens, hidden, shift_positions=self.shift_positions)]
+        sites = None if self.sites is None else tuple(self.sites)
+        return [
+            inject_prefix(
+                model, self.num_virtual_tokens, hidden, shift_positions=self.shift_positions, sites=sites
+            )
+        ]

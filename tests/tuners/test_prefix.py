@@ -140,8 +140,8 @@ def test_bad_input_is_refused() -> None:
         PrefixTuningConfig(num_virtual_tokens=-2)
     with pytest.raises(ValueError, match="cannot take them"):
         lp.inject(tiny_model("distilbert"), PrefixTuningConfig())
-    with pytest.raises(ValueError, match="encoder-decoder"):
-        lp.inject(tiny_model("t5"), PrefixTuningConfig())
+    with pytest.raises(ValueError, match="sites applies to encoder-decoder models"):
+        lp.inject(tiny_model("gpt2"), PrefixTuningConfig(sites=["decoder_self"]))
     linformer = tiny_model("bert")
     swap_attention(linformer, "linformer", proj_dim=4)
     with pytest.raises(ValueError, match=r"'linformer'.*cannot take prefix keys"):
