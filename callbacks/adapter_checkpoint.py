@@ -10,6 +10,9 @@ the base-model fingerprint. Loading goes through two hooks on the LightningModul
 
 * a pre-hook pops the metadata, refuses a different tuner config or base model (naming what differs),
   and refuses a checkpoint that lacks adapter weights the model has (strict for adapter keys);
+* before that check, knowledge adapters recorded in the metadata but missing from the model (K-Adapters
+  added with ``add_kadapter`` after ``inject``, which the tuner config does not describe) are added, so the
+  callback alone restores every one of them;
 * a post-hook forgives missing *frozen base* keys only (they come from the pretrained model), so
   Lightning's ``strict_loading`` still catches everything else.
 
@@ -30,7 +33,8 @@ from torch import nn
 from lightning_peft.api import get_config
 from lightning_peft.config import config_from_dict
 from lightning_peft.fingerprint import compare_fingerprints
-from lightning_peft.layers import TRAINABLE_ATTR, iter_trainable_parameters
+from lightning_peft.layers import TRAINABLE_ATTR, iter_trainable_parameters, tuner_state_names
+from lightning_peft.tuners.kadapter import kadapter_record, restore_kadapters
 
 __all__ = [
     "META_KEY",
@@ -60,13 +64,15 @@ def clean_key(name: str) -> str:
 
 
 def trainable_keys(module: nn.Module) -> set[str]:
-    """State-dict keys of the tuner: marked parameters under every name, and buffers of marked modules."""
+    """State-dict keys of the tuner: marked parameters under every name, buffers of marked modules, and
+    everything under modules marked as tuner state (frozen knowledge adapters: trained, not base)."""
     ids = {id(p) for _, p in iter_trainable_parameters(module)}
     keys = {n for n, p in module.named_parameters(remove_duplicate=False) if id(p) in ids}
     for name, sub in module.named_modules():
         if getattr(sub, TRAINABLE_ATTR, None) is True:
             prefix = f"{name}." if name else ""
             keys |= {prefix + b for b, _ in sub.named_buffers() if not b.startswith("_lp_")}
+    keys |= {k for k in tuner_state_names(module) if not k.rpartition(".")[2].startswith("_lp_")}
     return {clean_key(k) for k in keys}
 
 
@@ -84,7 +90,13 @@ def gathered_trainable_state_dict(module: nn.Module) -> dict[str, Any]:
 
 def make_meta(module: nn.Module, fingerprint: dict[str, Any]) -> dict[str, Any]:
     config = get_config(module)
-    return {"version": 1, "config": config.to_dict() if config else None, "fingerprint": fingerprint}
+    meta = {"version": 1, "config": config.to_dict() if config else None, "fingerprint": fingerprint}
+    # Knowledge adapters added with add_kadapter() after inject() are not in the config: record them all,
+    # so a fresh model can be given the same ones before the weights load.
+    kadapters = kadapter_record(module)
+    if kadapters is not None:
+        meta["kadapters"] = kadapters
+    return meta
 
 
 def trim_state_dict(state_dict: dict[str, Any], module: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
@@ -108,6 +120,13 @@ def install_load_hooks(module: nn.Module, fingerprint: Callable[[], dict[str, An
         if prefix + META_KEY not in state_dict:
             return
         meta = state_dict.pop(prefix + META_KEY)
+        if meta.get("kadapters"):
+            # The modules must exist before their weights load: this hook runs on the root before
+            # load_state_dict recurses into the children, so adapters added here are filled too.
+            try:
+                restore_kadapters(module, meta["kadapters"])
+            except ValueError as err:
+                raise AdapterCheckpointError(f"cannot restore the checkpoint's K-Adapters: {err}") from None
         keys = {clean_key(k[len(prefix) :]) for k in state_dict if k.startswith(prefix)}
         validate_adapter_checkpoint(module, keys, meta, fingerprint())
 

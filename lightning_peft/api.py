@@ -22,7 +22,16 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.config import TunerConfig
-from lightning_peft.layers import TRAINABLE_ATTR, Adapter, Mergeable, iter_trainable_parameters, mark
+from lightning_peft.layers import (
+    STATE_ATTR,
+    TRAINABLE_ATTR,
+    Adapter,
+    HookOwner,
+    Mergeable,
+    Restorable,
+    iter_trainable_parameters,
+    mark,
+)
 from lightning_peft.targeting import find_modules
 from lightning_peft.tuners.bitfit import ORIGINAL_BIAS
 
@@ -224,28 +233,81 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 
 
 def unload(model: nn.Module, *, merge_weights: bool = True) -> nn.Module:
-    """Remove the tuner: put every wrapped layer's ``base_layer`` back (after merging LoRA into it when
-    ``merge_weights``), drop markers, and leave a plain model that loads without this package.
+    """Remove the tuner and leave the plain base model, which loads without this package.
 
-    Non-mergeable adapters (bottleneck) cannot be folded: with ``merge_weights`` they raise.
+    * Wrapped layers (LoRA, bottleneck adapters, the unified view's parallel adapters) are replaced by
+      their ``base_layer``, LoRA merged into it first when ``merge_weights``.
+    * Tuner modules acting through hooks (:class:`~lightning_peft.layers.HookOwner`: prompt tuning,
+      P-tuning, K-Adapter, AdapterDrop's controller, prefix tuning) get ``remove_hooks()``, then
+      ``restore()`` where they have one (e.g. the attention implementation they switched), and are
+      deleted from their parent; wrappers that own hooks get ``remove_hooks()`` too.
+    * Markers, the stored config and BitFit's saved original biases go (BitFit's trained biases stay).
+
+    Afterwards the model has the base's modules, parameters, buffers and hooks, and computes what the base
+    computes (with LoRA merged: the tuned function).
+
+    ``merge_weights=True`` means "keep what was learned in the weights": a tuner whose trained tensors
+    cannot be folded into base weights (bottleneck adapters, virtual tokens, prefixes, knowledge adapters)
+    is refused, as with :func:`merge`, rather than silently dropped. ``merge_weights=False`` drops every
+    tuner. Nothing is changed when it raises.
+
+    Raises:
+        ValueError: ``merge_weights`` with a non-mergeable tuner, or a tuner module that cannot be taken
+            out (it sits outside the base layers it changes but does not implement ``remove_hooks()``).
     """
-    wrapped = [
-        (n, m) for n, m in model.named_modules() if isinstance(m, Adapter) and hasattr(m, "base_layer")
-    ]
+    named = list(model.named_modules())
+    wrapped = [(n, m) for n, m in named if isinstance(m, Adapter) and hasattr(m, "base_layer")]
+    owners = [(n, m) for n, m in named if isinstance(m, HookOwner)]
+    attached = [(n, m) for n, m in owners if n and not hasattr(m, "base_layer")]
+    _check_unloadable(named, wrapped, attached, merge_weights)
+    for _, owner in owners:
+        owner.remove_hooks()
+        if isinstance(owner, Restorable):
+            owner.restore()
+    parents = dict(named)
+    for name, _ in attached:  # before wrappers move: their paths are still the recorded ones
+        parent_name, _, child = name.rpartition(".")
+        delattr(parents[parent_name], child)
     for name, module in wrapped:
-        if merge_weights:
-            if not isinstance(module, Mergeable):
-                raise ValueError(
-                    f"{name!r} ({type(module).__name__}) cannot be merged; use merge_weights=False"
-                )
+        if merge_weights and isinstance(module, Mergeable):  # every wrapper is, once checked above
             module.merge()
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module.base_layer)
     for module in model.modules():
-        for attr in (TRAINABLE_ATTR, CONFIG_ATTR):
+        for attr in (TRAINABLE_ATTR, CONFIG_ATTR, STATE_ATTR):
             if attr in module.__dict__:
                 delattr(module, attr)
         if ORIGINAL_BIAS in module._buffers:
             del module._buffers[ORIGINAL_BIAS]
     return model
+
+
+def _check_unloadable(
+    named: list[tuple[str, nn.Module]],
+    wrapped: list[tuple[str, nn.Module]],
+    attached: list[tuple[str, nn.Module]],
+    merge_weights: bool,
+) -> None:
+    """Raise before :func:`unload` changes anything if it could not finish."""
+    # An Adapter (it has ``disabled``) that neither wraps a base layer nor owns its hooks would stay
+    # behind, still changing outputs through hooks unload cannot see.
+    stuck = [
+        f"{n!r} ({type(m).__name__})"
+        for n, m in named
+        if isinstance(m, Adapter) and not hasattr(m, "base_layer") and not isinstance(m, HookOwner)
+    ]
+    if stuck:
+        raise ValueError(
+            f"cannot unload {', '.join(stuck)}: a tuner module outside the base layers must implement "
+            "remove_hooks() (lightning_peft.layers.HookOwner) so its hooks can be taken off"
+        )
+    if not merge_weights:
+        return
+    refused = [f"{n!r} ({type(m).__name__})" for n, m in wrapped if not isinstance(m, Mergeable)]
+    refused += [f"{n!r} ({type(m).__name__})" for n, m in attached if next(m.parameters(), None) is not None]
+    if refused:
+        raise ValueError(
+            f"{', '.join(refused)} cannot be merged into the base weights; use merge_weights=False to drop "
+            "the tuner and keep the base model as it was"
+        )

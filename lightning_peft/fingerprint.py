@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.layers import iter_trainable_parameters
+from lightning_peft.layers import iter_trainable_parameters, tuner_state_names
 
 __all__ = ["base_fingerprint", "compare_fingerprints"]
 
@@ -40,9 +40,10 @@ def _checksum(t: torch.Tensor) -> float | None:
 def base_fingerprint(model: nn.Module) -> dict[str, list[Any]]:
     """``{canonical_name: [shape, dtype, checksum]}`` for every frozen (non-tuner) parameter."""
     trainable = {id(p) for _, p in iter_trainable_parameters(model)}
+    state = tuner_state_names(model)  # frozen tuner state (K-Adapters added later) is no part of the base
     out: dict[str, list[Any]] = {}
     for name, p in model.named_parameters():
-        if id(p) not in trainable:
+        if id(p) not in trainable and name not in state:
             out[_canonical(name)] = [list(p.shape), str(p.dtype).removeprefix("torch."), _checksum(p)]
     return out
 

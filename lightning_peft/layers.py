@@ -1,9 +1,16 @@
-"""What an injected layer is: small protocols and the structural marker that says what trains.
+"""What an injected layer is: small protocols and the structural markers that say what trains.
 
 Trainable parameters are found by walking modules, never by matching parameter names: every module
 that owns trainable PEFT state carries the attribute :data:`TRAINABLE_ATTR`, either ``True`` (all of its
 parameters, recursively: a LoRA ``lora_A``, a bottleneck adapter, a ``modules_to_save`` head) or a
-frozenset of local parameter names (BitFit marks ``{"bias"}`` on a frozen ``Linear``).
+frozenset of local parameter names (BitFit marks ``{"bias"}`` on a frozen ``Linear``). A module whose whole
+subtree is tuner state even while frozen (K-Adapter's set of knowledge adapters, of which only one trains at
+a time) carries :data:`STATE_ATTR`: checkpoints keep it and the base-model fingerprint leaves it out.
+
+Tuners change a model in two ways. Wrappers replace a layer and keep it as ``base_layer`` (LoRA,
+bottleneck adapters). Other tuner modules sit next to the base and reach into it with forward hooks
+(prompt tuning, P-tuning, K-Adapter, AdapterDrop, prefix tuning, the unified view's parallel adapters):
+those implement :class:`HookOwner`, so :func:`lightning_peft.unload` can take them out again.
 """
 
 from __future__ import annotations
@@ -12,18 +19,26 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 __all__ = [
+    "STATE_ATTR",
     "TRAINABLE_ATTR",
     "Adapter",
     "BaseLayerWrapper",
+    "HookOwner",
     "Mergeable",
+    "Restorable",
     "iter_trainable_parameters",
     "mark",
+    "mark_state",
+    "remove_handles",
     "replace_module",
+    "tuner_state_names",
 ]
 
 TRAINABLE_ATTR = "_lp_trainable"
+STATE_ATTR = "_lp_state"
 
 
 @runtime_checkable
@@ -42,6 +57,38 @@ class Mergeable(Protocol):
     def merge(self) -> None: ...
 
     def unmerge(self) -> None: ...
+
+
+@runtime_checkable
+class HookOwner(Protocol):
+    """A tuner module that acts on the model through hooks registered on *other* modules.
+
+    It keeps the :class:`~torch.utils.hooks.RemovableHandle` of every hook it registers (usually in a
+    list ``self._handles``) and removes them all in :meth:`remove_hooks`, which must be safe to call twice.
+    :func:`lightning_peft.unload` finds these modules structurally (``isinstance(m, HookOwner)``), calls
+    :meth:`remove_hooks`, then :meth:`Restorable.restore` when the module has one, and finally takes the
+    module out of the model: a wrapper (one with ``base_layer``) is replaced by its base layer, any other
+    module is deleted from its parent. Trained tensors of a non-wrapper owner cannot be folded into the
+    base weights, so ``unload(merge_weights=True)`` refuses owners that hold parameters.
+    """
+
+    def remove_hooks(self) -> None: ...
+
+
+@runtime_checkable
+class Restorable(Protocol):
+    """Optional companion of :class:`HookOwner`: a tuner module that changed the model in a way other
+    than hooks (``config._attn_implementation``, plain attributes left on base modules) undoes it in
+    :meth:`restore`, which :func:`lightning_peft.unload` calls right after ``remove_hooks()``."""
+
+    def restore(self) -> None: ...
+
+
+def remove_handles(handles: list[RemovableHandle]) -> None:
+    """Remove every hook in ``handles`` and empty the list (so a second call does nothing)."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 class BaseLayerWrapper(nn.Module):
@@ -69,6 +116,25 @@ def mark(module: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
             return module
         setattr(module, TRAINABLE_ATTR, frozenset(current) | frozenset(names))
     return module
+
+
+def mark_state(module: nn.Module) -> nn.Module:
+    """Mark every parameter and buffer under ``module`` as tuner state, trainable or not: adapter-only
+    checkpoints keep it, and it is no part of the base model's fingerprint."""
+    setattr(module, STATE_ATTR, True)
+    return module
+
+
+def tuner_state_names(model: nn.Module) -> set[str]:
+    """Names (relative to ``model``, under every alias) of the parameters and buffers of modules marked
+    with :func:`mark_state`."""
+    names: set[str] = set()
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        if getattr(module, STATE_ATTR, False) is True:
+            prefix = f"{mod_name}." if mod_name else ""
+            names |= {prefix + n for n, _ in module.named_parameters(remove_duplicate=False)}
+            names |= {prefix + n for n, _ in module.named_buffers(remove_duplicate=False)}
+    return names
 
 
 def iter_trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

@@ -14,6 +14,9 @@ Real speed: nothing below the lowest block with an active adapter needs gradient
 entering that block is detached (a forward pre-hook); the backward pass stops there instead of running
 through the whole encoder. Dropped adapters have no effect and get no gradient.
 
+The controller keeps the handles of its block hooks (:class:`~lightning_peft.layers.HookOwner`), so
+:func:`lightning_peft.unload` (``merge_weights=False``) removes them with the adapters.
+
 With ``robust=True`` some trainable adapters are unused in a batch: under DDP set
 ``find_unused_parameters=True``, and do not use the ``PEFT`` callback's ``check_gradients``.
 """
@@ -22,16 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.config import register_tuner
 from lightning_peft.families import part_regex
-from lightning_peft.layers import Adapter, mark
+from lightning_peft.layers import Adapter, mark, remove_handles
 from lightning_peft.targeting import block_index, find_modules
 from lightning_peft.tuners.bottleneck import BottleneckConfig
 from lightning_peft.tuners.compacter import STYLE_PARTS
@@ -101,42 +106,44 @@ class AdapterDropController(nn.Module):
         self._blocks = [(block, wrappers) for _, block, wrappers in adapted_blocks(model)]
         self._saved: dict[int, list[bool]] = {}
         self._cut = 0
+        # Partials of bound methods (not closures): a deep copy of the model rebinds them to the copied
+        # controller, where a closure would keep driving the original one.
+        self._handles: list[RemovableHandle] = []
         for i, (block, _) in enumerate(self._blocks):
             module = model.get_submodule(block)
-            module.register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True)
-            module.register_forward_hook(self._make_post_hook(i))
+            pre = functools.partial(self._pre_hook, i)
+            self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(functools.partial(self._post_hook, i)))
         mark(self)  # its step counter is tuner state (no parameters)
+
+    def remove_hooks(self) -> None:
+        """Take the block hooks off the model (:class:`~lightning_peft.layers.HookOwner`)."""
+        remove_handles(self._handles)
 
     def _draw(self) -> int:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.step))
         self.step += 1
         return int(torch.randint(0, self.max_drop + 1, (1,), generator=g))
 
-    def _make_pre_hook(self, i: int) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if i == 0 and self.robust:
-                self._cut = self.last_drop = self._draw() if module.training else self.eval_drop
-            if i < self._cut:
-                # Switch this block's adapters off for this call only (restored by the post-hook), so the
-                # drop never fights other users of ``disabled`` such as disable_adapters().
-                wrappers = self._blocks[i][1]
-                self._saved[i] = [w.disabled for w in wrappers]
-                for w in wrappers:
-                    w.disabled = True
-            elif i == self._cut:  # the lowest block with active adapters: nothing below needs gradients
-                return _detach_hidden(args, kwargs)
-            return None
+    def _pre_hook(self, i: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if i == 0 and self.robust:
+            self._cut = self.last_drop = self._draw() if module.training else self.eval_drop
+        if i < self._cut:
+            # Switch this block's adapters off for this call only (restored by the post-hook), so the
+            # drop never fights other users of ``disabled`` such as disable_adapters().
+            wrappers = self._blocks[i][1]
+            self._saved[i] = [w.disabled for w in wrappers]
+            for w in wrappers:
+                w.disabled = True
+        elif i == self._cut:  # the lowest block with active adapters: nothing below needs gradients
+            return _detach_hidden(args, kwargs)
+        return None
 
-        return hook
-
-    def _make_post_hook(self, i: int) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            saved = self._saved.pop(i, None)
-            if saved is not None:
-                for w, flag in zip(self._blocks[i][1], saved, strict=True):
-                    w.disabled = flag
-
-        return hook
+    def _post_hook(self, i: int, module: nn.Module, args: Any, output: Any) -> None:
+        saved = self._saved.pop(i, None)
+        if saved is not None:
+            for w, flag in zip(self._blocks[i][1], saved, strict=True):
+                w.disabled = flag
 
 
 def set_adapter_drop(model: nn.Module, n: int) -> None:

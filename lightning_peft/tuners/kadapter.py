@@ -27,6 +27,12 @@ or ``hidden_states``, is untouched). With ``concat_output=False`` the model's ou
 base model's and the features are read with :func:`kadapter_features` / :func:`kadapter_output` after the
 forward.
 
+Checkpoints: the whole :class:`KAdapterSet` is tuner state (:func:`~lightning_peft.layers.mark_state`), so
+adapter-only checkpoints of the ``PEFT`` callback hold every knowledge adapter, the frozen ones too, and
+:func:`kadapter_record` (configs in order, the trainable one) goes into their metadata;
+:func:`restore_kadapters` adds the adapters a fresh model lacks before the weights load.
+:func:`lightning_peft.unload` removes the hooks and the set (:class:`~lightning_peft.layers.HookOwner`).
+
 Contract tests: an untrained K-Adapter is not the identity of the model's output (its output gains the
 adapter channels), so ``identity_at_init = False``; the base part is checked separately, and
 ``disable_adapters`` returns exactly the base output. Only encoder-only and decoder-only models (whose
@@ -35,15 +41,17 @@ adapter channels), so ``identity_at_init = False``; the base part is checked sep
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from lightning_peft.config import TunerConfig, check_positive, register_tuner
-from lightning_peft.layers import TRAINABLE_ATTR, mark
+from lightning_peft.config import TunerConfig, check_positive, config_from_dict, register_tuner
+from lightning_peft.layers import TRAINABLE_ATTR, mark, mark_state, remove_handles
 from lightning_peft.targeting import find_modules
 
 __all__ = [
@@ -54,7 +62,9 @@ __all__ = [
     "add_kadapter",
     "kadapter_features",
     "kadapter_output",
+    "kadapter_record",
     "list_kadapters",
+    "restore_kadapters",
     "train_kadapter",
 ]
 
@@ -125,10 +135,16 @@ class KAdapterSet(nn.Module):
         self._padding_mask: Tensor | None = None
         self.features: dict[str, Tensor] = {}
         self.base_output: Tensor | None = None
-        self._handles = [model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)]
+        # Bound methods and partials of them (not closures): a deep copy of the model rebinds them to
+        # the copied set, where a closure would keep feeding the original one.
+        self._handles: list[RemovableHandle] = [
+            model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        ]
         for i, name in enumerate(blocks):
-            self._handles.append(model.get_submodule(name).register_forward_hook(self._block_hook(i)))
+            hook = functools.partial(self._block_hook, i)
+            self._handles.append(model.get_submodule(name).register_forward_hook(hook))
         self._handles.append(model.register_forward_hook(self._post_hook))
+        mark_state(self)  # frozen knowledge adapters are trained state too: checkpoints keep them
 
     def forward(self, hidden: dict[int, Tensor], padding_mask: Tensor | None = None) -> dict[str, Tensor]:
         """Every knowledge adapter's output for captured base hidden states."""
@@ -146,15 +162,12 @@ class KAdapterSet(nn.Module):
         if self._padding_mask is not None and not bool(self._padding_mask.any()):
             self._padding_mask = None
 
-    def _block_hook(self, i: int) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self.disabled or i not in self._needed():
-                return
-            h = output[0] if isinstance(output, (tuple, list)) else output
-            # Plug-ins outside the base: no gradient flows back into the base or between adapters.
-            self._hidden[i] = h.detach()
-
-        return hook
+    def _block_hook(self, i: int, module: nn.Module, args: Any, output: Any) -> None:
+        if self.disabled or i not in self._needed():
+            return
+        h = output[0] if isinstance(output, (tuple, list)) else output
+        # Plug-ins outside the base: no gradient flows back into the base or between adapters.
+        self._hidden[i] = h.detach()
 
     def _post_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         if self.disabled or not len(self.adapters):
@@ -173,9 +186,9 @@ class KAdapterSet(nn.Module):
         return output
 
     def remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Take every hook of this set off the model (:class:`~lightning_peft.layers.HookOwner`)."""
+        remove_handles(self._handles)
+        self._hidden, self.features, self.base_output = {}, {}, None
 
 
 # -- finding the model and its blocks ----------------------------------------------------------------
@@ -294,6 +307,49 @@ def train_kadapter(root: nn.Module, name: str | None) -> None:
         else:
             adapter.__dict__.pop(TRAINABLE_ATTR, None)
     mark_trainable(root)
+
+
+def kadapter_record(root: nn.Module) -> dict[str, Any] | None:
+    """What rebuilds the knowledge adapters of ``root``: ``{"adapters": [config dicts, in concatenation
+    order], "trainable": name or None}`` (``None`` without K-Adapters). JSON-safe, for checkpoint metadata."""
+    kset = _kset(root)
+    if kset is None or not len(kset.adapters):
+        return None
+    trainable = next((n for n, a in kset.adapters.items() if getattr(a, TRAINABLE_ATTR, None) is True), None)
+    return {"adapters": [kset.configs[n].to_dict() for n in kset.adapters], "trainable": trainable}
+
+
+def restore_kadapters(root: nn.Module, record: dict[str, Any]) -> list[str]:
+    """Give ``root`` the knowledge adapters of ``record`` (from :func:`kadapter_record`): add those it
+    lacks, in order, with fresh weights (load the saved ones afterwards), and make the recorded one the
+    trainable one. Returns the names added.
+
+    Raises:
+        ValueError: the model's adapters are not a prefix of the recorded ones, or one has another config.
+    """
+    configs = [config_from_dict(d) for d in record["adapters"]]
+    if not all(isinstance(c, KAdapterConfig) for c in configs):
+        raise ValueError(f"not a K-Adapter record: {[d.get('method') for d in record['adapters']]}")
+    names, existing = [c.name for c in configs], list_kadapters(root)
+    if names[: len(existing)] != existing:
+        raise ValueError(
+            f"the recorded knowledge adapters {names} do not extend this model's {existing}: add them in "
+            "the order they were trained"
+        )
+    kset = _kset(root)
+    for config in configs[: len(existing)]:
+        assert kset is not None
+        diff = kset.configs[config.name].diff(config)
+        if diff:
+            raise ValueError(
+                f"knowledge adapter {config.name!r} differs from the recorded one (model vs record):\n  "
+                + "\n  ".join(diff)
+            )
+    added = [config.name for config in configs[len(existing) :]]
+    for config in configs[len(existing) :]:
+        add_kadapter(root, config)
+    train_kadapter(root, record.get("trainable"))
+    return added
 
 
 def list_kadapters(root: nn.Module) -> list[str]:

@@ -22,6 +22,9 @@ The outputs cover all ``n + T`` positions, as in Hugging Face PEFT (same paramet
 with ``init="text"``, from the embeddings of a text's tokens repeated or cut to length ``n``.
 
 P-tuning (:mod:`lightning_peft.tuners.ptuning`) reuses the hook with an encoder producing the prompt.
+
+The prompt module keeps the handles of its hooks (:class:`~lightning_peft.layers.HookOwner`), so
+:func:`lightning_peft.unload` removes the hooks and the module and leaves the plain base model.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
-from lightning_peft.layers import mark
+from lightning_peft.layers import mark, remove_handles
 
 __all__ = ["PromptEmbedding", "PromptTuningConfig", "VirtualTokens", "attach_virtual_tokens", "hf_root"]
 
@@ -102,6 +106,11 @@ class VirtualTokens(nn.Module):
         self.num_virtual_tokens = num_virtual_tokens
         self.disabled = False
         self.encoder_decoder = False  # hooked on an encoder-decoder's encoder (see the module docstring)
+        self._handles: list[RemovableHandle] = []  # the hooks attach_virtual_tokens registers
+
+    def remove_hooks(self) -> None:
+        """Take this prompt's hooks off the model (:class:`~lightning_peft.layers.HookOwner`)."""
+        remove_handles(self._handles)
 
     def forward(self) -> Tensor:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
@@ -185,10 +194,12 @@ def attach_virtual_tokens(model: nn.Module, prompt: VirtualTokens, owner: str) -
     root.add_module(PROMPT_ATTR, prompt)
     if getattr(root.config, "is_encoder_decoder", False):
         prompt.encoder_decoder = True
-        root.get_encoder().register_forward_pre_hook(prompt.insert, with_kwargs=True)
-        root.register_forward_pre_hook(prompt.extend_encoder_mask, with_kwargs=True)
+        prompt._handles += [
+            root.get_encoder().register_forward_pre_hook(prompt.insert, with_kwargs=True),
+            root.register_forward_pre_hook(prompt.extend_encoder_mask, with_kwargs=True),
+        ]
     else:
-        root.register_forward_pre_hook(prompt.insert, with_kwargs=True)
+        prompt._handles.append(root.register_forward_pre_hook(prompt.insert, with_kwargs=True))
     mark(prompt)
     path = next(name for name, m in model.named_modules() if m is root)
     return f"{path}.{PROMPT_ATTR}" if path else PROMPT_ATTR

@@ -25,7 +25,8 @@ point needs no code, e.g. a gated parallel adapter at attention::
 
 Parallel insertion reads the sub-layer input with a forward pre-hook on the sub-layer's first projection
 (BERT ``attention.self.query`` / ``intermediate.dense``, GPT-2 ``c_attn`` / ``c_fc``, Llama ``q_proj`` /
-``gate_proj``) and adds ``Δh(x)`` to its output projection's result.
+``gate_proj``) and adds ``Δh(x)`` to its output projection's result; the wrapper keeps that hook's handle
+(:class:`~lightning_peft.layers.HookOwner`), so :func:`lightning_peft.unload` removes it with the wrapper.
 
 The multi-head parallel adapter (``form="bottleneck", at="attention_heads", insertion="parallel"``)
 modifies each head's attention output as prefix tuning does: head ``i`` gets
@@ -44,10 +45,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
 from lightning_peft.families import detect_family, part_regex
-from lightning_peft.layers import mark, replace_module
+from lightning_peft.layers import mark, remove_handles, replace_module
 from lightning_peft.targeting import block_index, find_modules
 from lightning_peft.tuners.bottleneck import ACTIVATIONS, AdapterAfter, BottleneckAdapter, _output_width
 from lightning_peft.tuners.lora import LoRAConfig
@@ -226,6 +228,12 @@ class ParallelAdapter(nn.Module):
         self.adapter = branch
         self.disabled = False
         self._x: Tensor | None = None
+        self._handles: list[RemovableHandle] = []  # the capture pre-hook on the sub-layer's input projection
+
+    def remove_hooks(self) -> None:
+        """Take the capture hook off the input projection (:class:`~lightning_peft.layers.HookOwner`)."""
+        remove_handles(self._handles)
+        self._x = None
 
     @property
     def weight(self) -> Tensor:
@@ -353,9 +361,8 @@ def _bottleneck(model: nn.Module, point: DesignPoint, layers: list[int] | None) 
             continue
         wrapper = ParallelAdapter(base, branch)
         replace_module(model, name, wrapper)
-        model.get_submodule(sources[block_index(name)]).register_forward_pre_hook(
-            wrapper.capture, with_kwargs=True
-        )
+        source = model.get_submodule(sources[block_index(name)])
+        wrapper._handles.append(source.register_forward_pre_hook(wrapper.capture, with_kwargs=True))
     return sinks
 
 
@@ -378,7 +385,8 @@ def _multi_head(model: nn.Module, point: DesignPoint, name: str, source: str) ->
     ref = next(base.parameters())
     wrapper = MultiHeadParallelAdapter(base, branch.to(ref.device, ref.dtype))
     replace_module(model, name, wrapper)
-    model.get_submodule(source).register_forward_pre_hook(wrapper.capture, with_kwargs=True)
+    hook = model.get_submodule(source).register_forward_pre_hook(wrapper.capture, with_kwargs=True)
+    wrapper._handles.append(hook)
 
 
 @register_tuner("unified")

@@ -13,6 +13,7 @@ from torch import nn
 
 import lightning_peft as lp
 from lightning_peft.callbacks import PEFT
+from lightning_peft.callbacks.adapter_checkpoint import META_KEY, AdapterCheckpointError
 from lightning_peft.tuners.kadapter import (
     KAdapterConfig,
     add_kadapter,
@@ -200,3 +201,76 @@ def test_trainer_run_saves_adapter_only_checkpoint(tmp_path: Path) -> None:
     module.eval(), fresh.eval()
     ids = next(iter(tiny_loader()))[0]
     torch.testing.assert_close(fresh(ids), module(ids), rtol=0, atol=0)
+
+
+# -- two knowledge adapters through the PEFT callback ------------------------------------------------------
+FACT = _config("fact", modules_to_save=["classifier"])
+LING = _config("ling", adapter_layers=[1])
+
+
+class _TwoKAdapterClassifier(TinyClassifier):
+    """The head reads the base output and two knowledge adapters."""
+
+    def _build(self) -> None:
+        super()._build()
+        torch.manual_seed(self.seed + 2)
+        self.classifier = nn.Linear(3 * H, 2)
+
+
+def _two_kadapters() -> _TwoKAdapterClassifier:
+    module = _TwoKAdapterClassifier()
+    lp.inject(module, FACT)
+    perturb_trainable(module)  # stands for the phase that trained "fact": frozen from here on
+    add_kadapter(module, LING)  # not described by the callback's config
+    return module
+
+
+def _fit_two(root: Path, epochs: int, ckpt_path: str | None = None) -> _TwoKAdapterClassifier:
+    """Train "ling" (and the head) for ``epochs``; a resumed run starts from a fresh module that has
+    only what PEFT(FACT) injects, so the second adapter must come from the checkpoint."""
+    L.seed_everything(7)
+    module = _TwoKAdapterClassifier() if ckpt_path else _two_kadapters()
+    ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0)
+    trainer(root, [PEFT(FACT), ckpt], max_epochs=epochs).fit(module, tiny_loader(), ckpt_path=ckpt_path)
+    return module
+
+
+def test_peft_callback_restores_every_kadapter_and_resumes_bitwise(tmp_path: Path) -> None:
+    full = _fit_two(tmp_path / "a", epochs=3)
+    first = _fit_two(tmp_path / "b", epochs=1)
+    path = tmp_path / "b" / "ckpt" / "last.ckpt"
+    saved = torch.load(path, weights_only=False)["state_dict"]
+    record = saved[META_KEY]["kadapters"]
+    assert [d["name"] for d in record["adapters"]] == ["fact", "ling"] and record["trainable"] == "ling"
+    frozen = {k for k in saved if ".kadapters.adapters.fact." in k}
+    assert frozen, "the frozen knowledge adapter is trained state: the checkpoint keeps it"
+    assert all(torch.equal(saved[k], first.state_dict()[k]) for k in frozen)
+
+    resumed = _fit_two(tmp_path / "b", epochs=3, ckpt_path=str(path))
+    assert list_kadapters(resumed) == ["fact", "ling"]
+    assert _trainable_names(resumed) == _trainable_names(full)
+    assert all(".adapters.ling." in n or n.startswith("classifier.") for n in _trainable_names(resumed))
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    full.eval(), resumed.eval()
+    ids = next(iter(tiny_loader()))[0]
+    torch.testing.assert_close(resumed(ids), full(ids), rtol=0, atol=0)
+
+    fresh = _TwoKAdapterClassifier()  # loading (not resuming) restores both adapters as well
+    trainer(tmp_path / "c", [PEFT(FACT)]).validate(fresh, tiny_loader(), ckpt_path=str(path), verbose=False)
+    assert list_kadapters(fresh) == ["fact", "ling"]
+    for k, v in resumed.state_dict().items():  # last.ckpt now holds the end of the resumed run
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_kadapters_that_do_not_extend_the_recorded_ones_are_refused(tmp_path: Path) -> None:
+    _fit_two(tmp_path, epochs=1)
+    other = _TwoKAdapterClassifier()
+    lp.inject(other, FACT)
+    add_kadapter(other, _config("other"))
+    with pytest.raises(AdapterCheckpointError, match=r"\['fact', 'ling'\] do not extend this model's"):
+        trainer(tmp_path, [PEFT(FACT)]).validate(
+            other, tiny_loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False
+        )
