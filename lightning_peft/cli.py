@@ -10,16 +10,21 @@ Usage::
 ``fit`` validates once before training and once after, then prints what a practitioner asks first:
 trainable / total parameters, checkpoint size on disk, validation metrics before and after. The same
 summary is written as JSON next to the checkpoints and logged to the run's loggers.
+
+``export`` is dispatched before LightningCLI parses anything (it needs no Trainer), so LightningCLI's own
+parser does not know it; ``lightning-peft --help`` lists it after the Trainer subcommands.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
@@ -92,6 +97,17 @@ def _fmt(value: float | None) -> str:
     return "   -  " if value is None else f"{value:.4f}"
 
 
+#: Shown at the end of ``lightning-peft --help``, laid out like LightningCLI's own subcommand list.
+EXPORT_HELP = """other subcommands:
+  export              Turn an adapter-only checkpoint of the PEFT callback into
+                      a Hugging Face PEFT adapter folder or a merged model.
+                      For its arguments: lightning-peft export --help"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's formatter that keeps the epilog's line breaks (argparse re-wraps them otherwise)."""
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point ``lightning-peft``: ``export`` goes to :mod:`lightning_peft.export_cli`, every
     other subcommand (``fit``, ``validate``, ...) to LightningCLI."""
@@ -106,6 +122,9 @@ def main(args: list[str] | None = None) -> None:
         model_class=None,
         datamodule_class=None,
         save_config_kwargs={"overwrite": True},
+        # Keys that are not subcommand names configure the top-level parser only, so the subcommands'
+        # own --help stays as LightningCLI formats it.
+        parser_kwargs={"epilog": EXPORT_HELP, "formatter_class": _HelpFormatter},
         args=args,
     )
 

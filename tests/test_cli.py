@@ -57,3 +57,22 @@ def test_unknown_tuner_field_in_a_recipe_is_an_error(tmp_path: Path, monkeypatch
     bad.write_text(text.replace("          r: 4", "          rank: 4"))
     with pytest.raises((ValueError, SystemExit)):
         PEFTCLI(model_class=None, datamodule_class=None, run=False, args=["--config", str(bad)])
+
+
+def test_help_lists_export_next_to_the_trainer_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("fit", "validate", "test", "predict"):
+        assert f"\n    {name} " in out
+    section = out[out.index("other subcommands:") :]
+    assert section.splitlines()[1].split()[:2] == ["export", "Turn"]  # its own row, line breaks kept
+    assert "lightning-peft export --help" in section
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert "other subcommands:" not in capsys.readouterr().out  # the subcommands' help is LightningCLI's
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: lightning-peft export")
