@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.attention.base import available_attention, get_attention
 from lightning_peft.attention.swap import (
@@ -51,7 +52,7 @@ from lightning_peft.attention.swap import (
     swapped,
 )
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
-from lightning_peft.layers import mark
+from lightning_peft.layers import mark, remove_handles
 from lightning_peft.tuners.prompt import (
     PROMPT_ATTR,
     _cache_length,
@@ -119,7 +120,24 @@ class PrefixEncoder(nn.Module):
         #: Positions enter the attention scores (T5's relative bias): the shift happens in the attention
         #: function, the model takes no ``position_ids``.
         self.relative_positions = False
+        self._handles: list[RemovableHandle] = []  # the root pre-hook inject_prefix registers
+        self._layers: list[nn.Module] = []  # attention modules holding a _Site entry (plain references)
+        self._prior: list[tuple[Any, str | None]] = []  # (config, attention implementation before us)
         mark(self)
+
+    def remove_hooks(self) -> None:
+        """Take the position-shift pre-hook off the model (:class:`~lightning_peft.layers.HookOwner`)."""
+        remove_handles(self._handles)
+
+    def restore(self) -> None:
+        """Undo the rest of :func:`inject_prefix` (:class:`~lightning_peft.layers.Restorable`): the layers'
+        prefix entries and every config's attention implementation."""
+        for layer in self._layers:
+            layer.__dict__.pop(_LAYER_ATTR, None)
+        self._layers = []
+        for config, prior in self._prior:
+            config._attn_implementation = prior
+        self._prior = []
 
     def layer_kv(self, i: int) -> Tensor:
         w2 = 2 * self.heads * self.head_dim
@@ -370,16 +388,19 @@ def inject_prefix(
             owner_module = None if site == "cross" else _bias_owner(root, path)
             entry = _Site(encoder, i, bool(getattr(layer, "is_causal", False)), owner_module)
         layer.__dict__[_LAYER_ATTR] = entry  # a plain reference: the parameters live on the root
-    root.register_forward_pre_hook(encoder.shift, with_kwargs=True)
+        encoder._layers.append(layer)
+    encoder._handles.append(root.register_forward_pre_hook(encoder.shift, with_kwargs=True))
     _register()  # a variant swapped in before (INTERFACE_KEY) is reached from inside the wrapper
+    configs = {id(c): c for m in root.modules() if (c := getattr(m, "config", None)) is not None}
+    # Sub-configs too: T5's encoder and decoder stacks keep their own copies.
+    encoder._prior = [(c, getattr(c, "_attn_implementation", None)) for c in configs.values()]
     setter = getattr(root, "set_attn_implementation", None)
     if callable(setter):
         with contextlib.suppress(ValueError, KeyError):
             setter(PREFIX_KEY)
-    for module in root.modules():  # sub-configs (T5's encoder and decoder stacks keep their own copies)
-        sub = getattr(module, "config", None)
-        if getattr(sub, "_attn_implementation", PREFIX_KEY) != PREFIX_KEY:
-            sub._attn_implementation = PREFIX_KEY
+    for config_ in configs.values():
+        if getattr(config_, "_attn_implementation", PREFIX_KEY) != PREFIX_KEY:
+            config_._attn_implementation = PREFIX_KEY
     path = next(name for name, m in model.named_modules() if m is root)
     return f"{path}.{PROMPT_ATTR}" if path else PROMPT_ATTR
 
