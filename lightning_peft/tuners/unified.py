@@ -50,7 +50,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
 from lightning_peft.families import detect_family, part_regex
 from lightning_peft.layers import mark, remove_handles, replace_module
-from lightning_peft.targeting import block_index, find_modules
+from lightning_peft.targeting import find_modules
 from lightning_peft.tuners.bottleneck import ACTIVATIONS, AdapterAfter, BottleneckAdapter, _output_width
 from lightning_peft.tuners.lora import LoRAConfig
 from lightning_peft.tuners.prefix import inject_prefix
@@ -78,9 +78,24 @@ _INPUTS: dict[str, dict[str, str]] = {
     },
     "gpt2": {"attention": r"h\.\d+\.attn\.c_attn", "ffn": r"h\.\d+\.mlp\.c_fc"},
     "llama": {"attention": r"layers\.\d+\.self_attn\.q_proj", "ffn": r"layers\.\d+\.mlp\.gate_proj"},
+    "t5": {  # encoder and decoder blocks; the FFN's (first) input projection is wi, or wi_0 when gated
+        "attention": r"(encoder|decoder)\.block\.\d+\.layer\.0\.SelfAttention\.q",
+        "ffn": r"(encoder|decoder)\.block\.\d+\.layer\.\d+\.DenseReluDense\.wi(_0)?",
+    },
 }
 _INPUTS.update({f: _INPUTS["bert"] for f in ("roberta", "xlm-roberta", "camembert", "electra")})
 _INPUTS.update({f: _INPUTS["llama"] for f in ("mistral", "qwen2")})
+_INPUTS["mt5"] = _INPUTS["t5"]
+
+
+def _block_key(name: str) -> str | None:
+    """The block a module belongs to, by path up to its first index (``encoder.block.0``): unlike a
+    bare block number it keeps an encoder-decoder's encoder and decoder blocks apart."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return None
 
 
 @dataclass(kw_only=True)
@@ -328,7 +343,7 @@ def _regex(model: nn.Module, part: str) -> str:
 def _bottleneck(model: nn.Module, point: DesignPoint, layers: list[int] | None) -> list[str]:
     part = "ffn_output" if point.at == "ffn" else "attention_output"
     sinks = find_modules(model, _regex(model, part), layers=layers)
-    sources: dict[int | None, str] = {}
+    sources: dict[str | None, str] = {}
     site = "ffn" if point.at == "ffn" else "attention"
     if point.insertion == "parallel":
         family = detect_family(model)
@@ -337,11 +352,11 @@ def _bottleneck(model: nn.Module, point: DesignPoint, layers: list[int] | None) 
                 f"UnifiedConfig: parallel insertion knows the sub-layer inputs of {sorted(_INPUTS)} only"
             )
         pattern = r"(?:.*\.)?" + _INPUTS[family][site]
-        sources = {block_index(n): n for n in find_modules(model, pattern, layers=layers)}
+        sources = {_block_key(n): n for n in find_modules(model, pattern, layers=layers)}
     for name in sinks:
         base = model.get_submodule(name)
         if point.at == "attention_heads":
-            _multi_head(model, point, name, sources[block_index(name)])
+            _multi_head(model, point, name, sources[_block_key(name)])
             continue
         d = _output_width(base, name)
         m = point.bottleneck_size or max(1, int(d // point.reduction_factor))
@@ -361,7 +376,7 @@ def _bottleneck(model: nn.Module, point: DesignPoint, layers: list[int] | None) 
             continue
         wrapper = ParallelAdapter(base, branch)
         replace_module(model, name, wrapper)
-        source = model.get_submodule(sources[block_index(name)])
+        source = model.get_submodule(sources[_block_key(name)])
         wrapper._handles.append(source.register_forward_pre_hook(wrapper.capture, with_kwargs=True))
     return sinks
 

@@ -131,7 +131,7 @@ def test_bad_input_is_refused() -> None:
     with pytest.raises(ValueError, match="insertion must be 'parallel'"):
         UnifiedConfig(points=[{"form": "bottleneck", "at": "attention_heads", "insertion": "sequential"}])
     with pytest.raises(ValueError, match="parallel insertion knows"):
-        lp.inject(tiny_model("t5"), UnifiedConfig(points=[MULTI_HEAD]))
+        lp.inject(tiny_model("distilbert"), UnifiedConfig(points=[MULTI_HEAD]))
     with pytest.raises(ValueError, match=r"bottleneck_size must be > 0"):
         UnifiedConfig(points=[{**_mam_points()[0], "bottleneck_size": 0}])
 
@@ -202,3 +202,42 @@ def test_multi_head_parallel_adapter_bert_base_count_and_with_prefix() -> None:
     prefix = {"form": "prefix", "at": "attention_heads", "insertion": "parallel", "composition": "gated_add"}
     lp.inject(both, UnifiedConfig(points=[{**prefix, "bottleneck_size": 2}, MULTI_HEAD]))
     assert lp.param_summary(both).trainable == 2 * 2 * 2 * 32 + 2 * (32 * 6 + 6 + 2 * 3 * 16 + 2 * 16)
+
+
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+def test_parallel_adapter_on_t5_reads_each_stacks_ffn_input(stack: str) -> None:
+    """Encoder and decoder blocks share block numbers: each adapter must read its own block's FFN input."""
+    model = tiny_model("t5")
+    lp.inject(model, UnifiedConfig(preset="scaled_parallel"))
+    perturb_trainable(model, scale=0.3)
+    ff = getattr(model, stack).block[1].layer[-1]  # T5LayerFF: h + DenseReluDense(LayerNorm(h))
+    seen: dict[str, torch.Tensor] = {}
+    ff.DenseReluDense.register_forward_hook(lambda _m, a, _o: seen.update(x=a[0]))
+    ff.register_forward_hook(lambda _m, a, o: seen.update(h=a[0], out=o))
+    model(**model_inputs("t5"))
+    x, wrapper = seen["x"], ff.DenseReluDense.wo
+    dense = ff.DenseReluDense
+    branch = wrapper.adapter
+    delta = branch.up(branch.act(branch.down(x))) * 4.0  # s = 4, from the FFN's input x
+    expected = seen["h"] + wrapper.base_layer(dense.act(dense.wi(x))) + delta
+    torch.testing.assert_close(seen["out"], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    not hasattr(__import__("sys").modules[type(tiny_model("t5")).__module__], "ALL_ATTENTION_FUNCTIONS"),
+    reason="this transformers runs T5 attention inline (no prefix keys)",
+)
+def test_mam_on_t5_trains_and_generates_with_cache() -> None:
+    from tests.tuners.test_prompt import tiny_t5_lm
+
+    model = tiny_t5_lm()
+    lp.inject(model, UnifiedConfig(points=[dict(p, bottleneck_size=4) for p in _mam_points()]))
+    perturb_trainable(model, scale=0.3)
+    inputs = model_inputs("t5")
+    labels = inputs.pop("decoder_input_ids").contiguous()
+    model(**inputs, labels=labels).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    enc = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    kw = dict(max_new_tokens=4, do_sample=False)
+    model.eval()
+    assert torch.equal(model.generate(**enc, **kw), model.generate(**enc, **kw, use_cache=False))
