@@ -20,7 +20,9 @@ Sharded strategies: FSDP inserts ``_fsdp_wrapped_module.`` (and activation check
 ``_checkpoint_wrapped_module.``) into module paths while its state dicts use clean names, so keys are
 compared without those fragments, and FSDP's load calls the hooks with a non-empty prefix. DeepSpeed ZeRO-3
 keeps only a shard of every parameter on each rank: :func:`gathered_trainable_state_dict` gathers the
-trainable parameters alone (never the frozen base) so the saved adapter tensors are complete.
+trainable parameters alone (never the frozen base) so the saved adapter tensors are complete. FSDP2
+(``fully_shard``) parameters are ``DTensor`` shards: :func:`full_trainable_state_dict` gathers the tuner's
+tensors alone the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "META_KEY",
     "AdapterCheckpointError",
     "clean_key",
+    "full_trainable_state_dict",
     "gathered_trainable_state_dict",
     "install_load_hooks",
     "trainable_keys",
@@ -86,6 +89,30 @@ def gathered_trainable_state_dict(module: nn.Module) -> dict[str, Any]:
     named = list(iter_trainable_parameters(module))
     with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
         return {clean_key(n): p.detach().to("cpu", copy=True) for n, p in named}
+
+
+def full_trainable_state_dict(module: nn.Module) -> dict[str, Any]:
+    """The tuner's tensors as full CPU tensors, FSDP2 ``DTensor`` shards gathered (a collective: call it on
+    every rank; ranks walk the same module tree in the same order).
+
+    Only the tuner's parameters and buffers are gathered, never the frozen base, so saving an adapter-only
+    checkpoint costs the adapters' size rather than a gather of the whole model.
+    """
+    from torch.distributed.tensor import DTensor
+
+    keep = trainable_keys(module)
+    gathered: dict[int, Any] = {}  # tied tensors are gathered once and stored under every name
+    out: dict[str, Any] = {}
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        key = clean_key(name)
+        if key not in keep:
+            continue
+        if id(tensor) not in gathered:
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            gathered[id(tensor)] = full.detach().to("cpu", copy=True)
+        out[key] = gathered[id(tensor)]
+    return out
 
 
 def make_meta(module: nn.Module, fingerprint: dict[str, Any]) -> dict[str, Any]:

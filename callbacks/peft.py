@@ -25,7 +25,13 @@ Strategies:
   ``lora_B``, bottleneck adapters, ``modules_to_save``) becomes its own FSDP unit, added to the user's
   ``auto_wrap_policy``, so no FlatParameter mixes frozen and trainable tensors and gradients are only
   allocated for adapters; ``use_orig_params=True`` (Lightning's default, required) keeps the structural
-  walk and BitFit's per-bias marks working. Checkpoints need ``state_dict_type="full"``.
+  walk and BitFit's per-bias marks working. Checkpoints need ``state_dict_type="full"`` (``"sharded"`` is
+  refused at ``setup``).
+* FSDP2 (``ModelParallelStrategy``, whose ``configure_model`` applies ``fully_shard``): a model built in
+  ``__init__`` gets its adapters *before* ``configure_model``, so the user's ``fully_shard`` calls shard
+  them with their blocks; a model built and sharded in ``configure_model`` gets them right after it, each
+  block's adapters becoming an FSDP2 unit of their own. Checkpoints gather the adapters only; both the
+  single-file and the distributed-checkpoint layout save and resume adapter-only.
 * DeepSpeed (``DeepSpeedStrategy``, CUDA): the engine writes its own checkpoint directory and ignores the
   Lightning ``state_dict``. The callback sets ``exclude_frozen_parameters=True`` (the engine saves the
   trainable parameters only), and stores the adapter-only state dict, gathered from the ZeRO-3 shards of
@@ -55,6 +61,7 @@ from typing_extensions import override
 from lightning_peft.api import get_config, inject, param_summary
 from lightning_peft.callbacks.adapter_checkpoint import (
     META_KEY,
+    full_trainable_state_dict,
     gathered_trainable_state_dict,
     install_load_hooks,
     make_meta,
@@ -67,8 +74,15 @@ from lightning_peft.callbacks.rng import get_rng_state, set_rng_state
 from lightning_peft.callbacks.strategies import (
     DEEPSPEED_ADAPTER_KEY,
     adapter_wrap_policy,
+    check_no_tensor_parallel,
     is_deepspeed,
+    is_fully_sharded,
+    is_model_parallel,
+    load_model_parallel_checkpoint,
+    prepare_checkpoint_for_save,
     prepare_strategy,
+    saves_distributed_checkpoints,
+    shard_new_adapters,
 )
 from lightning_peft.callbacks.tracking import log_artifact, size_on_disk, wants_artifact
 from lightning_peft.config import TunerConfig, config_from_dict
@@ -158,8 +172,19 @@ class PEFT(Callback):
             )
         elif self._fingerprint is None:
             self._fingerprint = base_fingerprint(pl_module)
+        if is_fully_sharded(target):
+            # FSDP2: adapters injected after configure_model sharded the model (or left out by the user's
+            # fully_shard calls) belong to no unit; unsharded, every rank would train its own replica.
+            check_no_tensor_parallel(target)
+            shard_new_adapters(target)
         install_load_hooks(pl_module, self._base_fingerprint)
         guard_gradient_checkpointing(target)
+
+    def _is_built(self, pl_module: L.LightningModule) -> bool:
+        try:
+            return any(True for _ in self._target(pl_module).parameters())
+        except AttributeError:
+            return False
 
     def _base_fingerprint(self) -> dict[str, Any]:
         assert self._fingerprint is not None
@@ -174,6 +199,10 @@ class PEFT(Callback):
                 user_configure_model = pl_module.configure_model
 
                 def configure_model_then_inject() -> None:
+                    if is_model_parallel(pl_module.trainer.strategy) and self._is_built(pl_module):
+                        # FSDP2: configure_model shards. A model built in __init__ gets its adapters first,
+                        # so the user's fully_shard calls shard them with their blocks.
+                        self._inject(pl_module)
                     user_configure_model()
                     self._inject(pl_module)
 
@@ -185,6 +214,21 @@ class PEFT(Callback):
         if self.adapter_only_checkpoints:
             self._trim_checkpoints(trainer, pl_module)
         self._after_checkpoint_writes(trainer, pl_module)
+        if is_model_parallel(trainer.strategy):
+            self._load_adapter_checkpoints(trainer)
+
+    def _load_adapter_checkpoints(self, trainer: L.Trainer) -> None:
+        """ModelParallelStrategy restores into every key of the model: adapter-only checkpoints take
+        :func:`load_model_parallel_checkpoint` (other checkpoints still reach the strategy's own loader)."""
+        strategy = trainer.strategy
+        if "load_checkpoint" in vars(strategy):
+            return
+        load = strategy.load_checkpoint
+
+        def load_adapters(path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+            return load_model_parallel_checkpoint(strategy, load, path, self._base_fingerprint, weights_only)
+
+        strategy.load_checkpoint = load_adapters  # type: ignore[method-assign]
 
     def _trim_checkpoints(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         strategy = trainer.strategy
@@ -197,6 +241,9 @@ class PEFT(Callback):
             if is_deepspeed(strategy) and getattr(strategy, "zero_stage_3", False):
                 # The full state dict would hold empty ZeRO-3 placeholders: gather the adapters only.
                 return trim_state_dict(gathered_trainable_state_dict(pl_module), pl_module, meta)
+            if is_model_parallel(strategy) and not saves_distributed_checkpoints(strategy):
+                # Its full state dict gathers the whole model onto rank 0: gather the adapters only.
+                return trim_state_dict(full_trainable_state_dict(pl_module), pl_module, meta)
             return trim_state_dict(full_state_dict(), pl_module, meta)
 
         strategy.lightning_module_state_dict = adapter_state_dict  # type: ignore[method-assign]
@@ -210,9 +257,7 @@ class PEFT(Callback):
         save = strategy.save_checkpoint
 
         def save_then_track(checkpoint: dict[str, Any], filepath: Any, *args: Any, **kwargs: Any) -> None:
-            if is_deepspeed(strategy) and "state_dict" in checkpoint:
-                # DeepSpeed drops "state_dict" from what it writes; keep the adapter-only one.
-                checkpoint[DEEPSPEED_ADAPTER_KEY] = checkpoint["state_dict"]
+            prepare_checkpoint_for_save(strategy, checkpoint)
             save(checkpoint, filepath, *args, **kwargs)
             if trainer.is_global_zero:
                 self._track_checkpoint(trainer, Path(filepath), checkpoint.get("global_step", 0))
@@ -223,6 +268,7 @@ class PEFT(Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         vars(trainer.strategy).pop("lightning_module_state_dict", None)
         vars(trainer.strategy).pop("save_checkpoint", None)
+        vars(trainer.strategy).pop("load_checkpoint", None)
 
     # -- checks and logging --------------------------------------------------------------------------
     @override

@@ -5,6 +5,8 @@ checkpoint of the same architecture, a different model size) would "work" and si
 garbage. The fingerprint records, per frozen tensor, its shape, dtype and a checksum of a fixed strided
 sample of its values (<= 256 elements, so it costs microseconds even for billion-parameter models).
 Names are canonical (``.base_layer`` removed), so the fingerprint does not depend on the tuner.
+A ``DTensor`` (an FSDP2 shard) is fingerprinted as the full tensor, so a sharded model and the same model
+in one process agree; gathering it is a collective, which every rank reaches in the same order.
 """
 
 from __future__ import annotations
@@ -30,11 +32,21 @@ def _canonical(name: str) -> str:
 def _checksum(t: torch.Tensor) -> float | None:
     if t.device.type == "meta" or t.numel() == 0:
         return None
+    if _is_dtensor(t):
+        t = t.full_tensor()  # type: ignore[attr-defined]
     flat = t.detach().reshape(-1)
     step = max(1, flat.numel() // _SAMPLE)
     sample = flat[::step][:_SAMPLE].to(device="cpu", dtype=torch.float64)
     weights = torch.arange(1, sample.numel() + 1, dtype=torch.float64)
     return float((sample * weights).sum())
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def base_fingerprint(model: nn.Module) -> dict[str, list[Any]]:

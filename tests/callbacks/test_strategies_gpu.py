@@ -8,6 +8,7 @@ cleaning, prefixed loading as under an FSDP root) are checked on CPU.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -71,6 +72,30 @@ def test_fsdp_strategy_is_prepared_and_flat_parameters_are_refused() -> None:
     assert strategy.kwargs["auto_wrap_policy"] is policy
     with pytest.raises(ValueError, match="use_orig_params=True"):
         prepare_strategy(FSDPStrategy(use_orig_params=False), adapter_only=True)
+
+
+def test_fsdp_sharded_state_dicts_are_refused_for_adapter_only_checkpoints() -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    with pytest.raises(ValueError, match='state_dict_type="full"'):
+        prepare_strategy(FSDPStrategy(state_dict_type="sharded"), adapter_only=True)
+    with pytest.raises(ValueError, match="adapter_only_checkpoints=False"):
+        prepare_strategy(FSDPStrategy(state_dict_type="sharded"), adapter_only=True)
+    full = FSDPStrategy(state_dict_type="full")
+    prepare_strategy(full, adapter_only=True)
+    assert full.kwargs["auto_wrap_policy"]._lp_adapter_units
+    # Whole-model checkpoints keep every key, which Lightning's sharded loading needs.
+    prepare_strategy(FSDPStrategy(state_dict_type="sharded"), adapter_only=False)
+
+
+def test_fsdp_sharded_state_dict_is_refused_by_the_callback_setup() -> None:
+    """The callback's ``setup`` applies the check (FSDPStrategy runs need CUDA; its setup hook does not)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    fake_trainer = SimpleNamespace(strategy=FSDPStrategy(state_dict_type="sharded"))
+    with pytest.raises(ValueError, match='state_dict_type="full"'):
+        PEFT(lora()).setup(fake_trainer, TinyClassifier(), "fit")  # type: ignore[arg-type]
+    PEFT(lora(), adapter_only_checkpoints=False).setup(fake_trainer, TinyClassifier(), "fit")  # type: ignore[arg-type]
 
 
 def test_wrapper_fragments_are_ignored_in_keys() -> None:
