@@ -70,3 +70,20 @@ def perturb_trainable(model: torch.nn.Module, seed: int = 123, scale: float = 0.
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
+
+
+def routes_through_interface(family: str) -> bool:
+    """Whether this transformers runs ``family``'s attention through ``AttentionInterface`` (5.x does for
+    every tiny family; 4.57 not for BERT or T5): prefix keys enter there, so prefix tuning needs it."""
+    from lightning_peft.attention.swap import _routes_through_interface
+
+    layer = next(m for m in tiny_model(family).modules() if "Attention" in type(m).__name__)
+    return _routes_through_interface(layer)
+
+
+def needs_interface(family: str) -> pytest.MarkDecorator:
+    """Skip where ``family``'s attention is computed inline (prefix tuning refuses it there)."""
+    return pytest.mark.skipif(
+        not routes_through_interface(family),
+        reason=f"this transformers computes {family} attention inline (no AttentionInterface)",
+    )

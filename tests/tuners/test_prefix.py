@@ -10,7 +10,16 @@ from transformers import AutoConfig, BertConfig, BertModel, LlamaForCausalLM
 import lightning_peft as lp
 from lightning_peft.attention import swap_attention
 from lightning_peft.tuners.prefix import PrefixTuningConfig, fold_prefix
-from tests.conftest import TINY_CONFIGS, VOCAB, first_output, model_inputs, perturb_trainable, tiny_model
+from tests.conftest import (
+    TINY_CONFIGS,
+    VOCAB,
+    first_output,
+    model_inputs,
+    needs_interface,
+    perturb_trainable,
+    routes_through_interface,
+    tiny_model,
+)
 from tests.tuners.test_prompt import padded_inputs, tiny_gpt2_lm
 
 peft = pytest.importorskip("peft")
@@ -28,6 +37,7 @@ def _peft_twin(model: torch.nn.Module, task: str, ours: torch.nn.Module, **kw) -
     return twin.eval()
 
 
+@needs_interface("bert")
 @pytest.mark.parametrize("projection", [False, True], ids=["plain", "mlp"])
 def test_bert_equals_peft(projection: bool) -> None:
     config = PrefixTuningConfig(num_virtual_tokens=3, projection=projection, encoder_hidden_size=16)
@@ -89,6 +99,7 @@ def test_shift_positions_off_keeps_positions() -> None:
     assert seen["position_ids"].tolist() == [[2, 3, 4]]
 
 
+@needs_interface("bert")
 def test_fold_leaves_outputs_unchanged_and_loads_as_plain_prefix() -> None:
     model = tiny_model("bert")
     lp.inject(model, PrefixTuningConfig(num_virtual_tokens=3, projection=True, encoder_hidden_size=8))
@@ -105,6 +116,7 @@ def test_fold_leaves_outputs_unchanged_and_loads_as_plain_prefix() -> None:
     torch.testing.assert_close(first_output(plain, inputs), before, rtol=1e-6, atol=1e-6)
 
 
+@needs_interface("bert")
 def test_bert_base_counts_training_and_folded() -> None:
     with torch.device("meta"):
         model = BertModel(BertConfig())
@@ -114,6 +126,7 @@ def test_bert_base_counts_training_and_folded() -> None:
     assert lp.param_summary(model).trainable == 552_960
 
 
+@needs_interface("bert")
 def test_swapped_variant_takes_prefix_keys_as_num_prefix() -> None:
     reference = tiny_model("bert")
     lp.inject(reference, PrefixTuningConfig(num_virtual_tokens=3))
@@ -133,6 +146,7 @@ def test_swapped_variant_takes_prefix_keys_as_num_prefix() -> None:
     assert calls == [3]
 
 
+@needs_interface("bert")
 def test_bad_input_is_refused() -> None:
     with pytest.raises(ValueError, match=r"num_virtual_tokens must be > 0"):
         PrefixTuningConfig(num_virtual_tokens=0)
@@ -151,3 +165,9 @@ def test_bad_input_is_refused() -> None:
     swap_attention(late, "sdpa")
     with pytest.raises(RuntimeError, match="swap the attention first"):
         late(**model_inputs("bert"))
+
+
+@pytest.mark.skipif(routes_through_interface("bert"), reason="this transformers' BERT takes prefix keys")
+def test_inline_attention_is_refused_clearly() -> None:  # pragma: no cover - run by make test-compat
+    with pytest.raises(ValueError, match="does not run through AttentionInterface"):
+        lp.inject(tiny_model("bert"), PrefixTuningConfig())

@@ -10,7 +10,7 @@ from transformers import BertConfig, BertModel
 import lightning_peft as lp
 from lightning_peft.tuners.prefix import PrefixTuningConfig
 from lightning_peft.tuners.unified import UnifiedConfig
-from tests.conftest import first_output, model_inputs, perturb_trainable, tiny_model
+from tests.conftest import first_output, model_inputs, needs_interface, perturb_trainable, tiny_model
 from tests.tuners.test_prefix import tiny_llama_lm
 from tests.tuners.test_prompt import padded_inputs, tiny_gpt2_lm
 
@@ -21,7 +21,7 @@ from tests.tuners.test_prompt import padded_inputs, tiny_gpt2_lm
         ("adapter", lp.BottleneckConfig(style="houlsby")),
         ("pfeiffer", lp.BottleneckConfig(style="pfeiffer")),
         ("lora", lp.LoRAConfig(r=8, alpha=8)),
-        ("prefix", PrefixTuningConfig()),
+        pytest.param("prefix", PrefixTuningConfig(), marks=needs_interface("bert")),
     ],
 )
 def test_preset_equals_the_named_method(preset: str, named: lp.TunerConfig) -> None:
@@ -93,6 +93,7 @@ def _mam_points() -> list[dict]:
     return PRESETS["mam"]
 
 
+@needs_interface("bert")
 def test_bert_base_counts() -> None:
     def count(config: UnifiedConfig) -> int:
         with torch.device("meta"):
@@ -185,6 +186,7 @@ def test_multi_head_parallel_adapter_starts_as_identity_and_trains(make) -> None
         assert torch.equal(model.generate(**inputs, **kw), model.generate(**inputs, **kw, use_cache=False))
 
 
+@needs_interface("bert")
 def test_multi_head_parallel_adapter_bert_base_count_and_with_prefix() -> None:
     with torch.device("meta"):
         model = BertModel(BertConfig())
