@@ -125,6 +125,35 @@ def folded_prefix_inference(batch: dict[str, torch.Tensor], rounds: int) -> dict
     return {**stats, "folded_vs_base": ratio}
 
 
+def operator_counts(models: dict[str, nn.Module], batch: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """ATen operators one training step runs, ours vs peft per method: only the ops whose counts differ.
+
+    Timings of two equal graphs differ by machine noise; this shows whether the graphs differ at all.
+    """
+    from collections import Counter
+
+    counts: dict[str, Counter] = {}
+    for name, model in models.items():
+        step = make_step(copy.deepcopy(model), batch)
+        step()  # warm-up: lazy optimizer state
+        with torch.profiler.profile() as prof:
+            step()
+        counts[name] = Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
+    out: dict[str, dict] = {}
+    for name in counts:
+        twin = "peft_" + name.split("_", 1)[1]
+        if name.startswith("ours_") and twin in counts:
+            ours, theirs = counts[name], counts[twin]
+            out[name] = {
+                "ours_total": sum(ours.values()),
+                "peft_total": sum(theirs.values()),
+                "differing": {
+                    op: [ours[op], theirs[op]] for op in sorted(ours | theirs) if ours[op] != theirs[op]
+                },
+            }
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=8)
@@ -159,10 +188,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             ]
         )
     inference = folded_prefix_inference(batch, rounds=max(4, args.rounds))
+    ops = operator_counts(models, random_batch(2, 32, 30522))
 
     print(f"train step, MiniLM + head, batch {args.batch} x {args.seq}, {args.rounds} rounds, median")
     print_table(["method", "median ms", "IQR ms", "vs peft", "trainable"], rows)
     print(f"folded prefix inference / base: {inference['folded_vs_base']:.3f}x")
+    for name, diff in ops.items():
+        print(f"{name}: {diff['ours_total']} ATen ops per step vs peft's {diff['peft_total']}")
     met = {k: v["vs_peft"] <= TARGET_VS_PEFT for k, v in results.items() if v["vs_peft"] is not None}
     for name, ok in met.items():
         print(f"target {name} <= {TARGET_VS_PEFT}x peft: {'OK' if ok else 'MISSED'}")
@@ -176,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "machine": machine_info(),
         "results": results,
         "folded_prefix_inference": inference,
+        "operator_counts": ops,
         "targets_met": met,
     }
     print(f"wrote {write_json('prompt_family', payload, args.out)}")
