@@ -37,6 +37,32 @@ Strategies:
   trainable parameters only), and stores the adapter-only state dict, gathered from the ZeRO-3 shards of
   trainable parameters only, in the checkpoint's client state under :data:`DEEPSPEED_ADAPTER_KEY`.
 
+Models built on the meta device (``with trainer.init_module(empty_init=True)`` under
+``ModelParallelStrategy``, or ``torch.device("meta")`` in ``__init__``): the callback injects into the meta
+model and the strategy materialises it in its setup (``to_empty()``, then ``reset_parameters()`` of every
+module holding tensors). Every tuner module resets to its own init (LoRA's ``B`` zero, bottleneck and
+parallel adapters the identity, Compacter's shared rule shared again: :mod:`lightning_peft.layers`), so the
+adapters start as they do on a real model. The frozen base gets its modules' reset values, random: the user
+must load the pretrained weights after the materialisation and before training, e.g. in the
+LightningModule's ``on_fit_start`` (it runs after the strategy setup and after a ``ckpt_path`` restore, so
+load the base tensors only, not the restored adapters):
+
+* names: a wrapped layer keeps the original as ``base_layer`` (``...query.base_layer.weight`` holds the
+  pretrained ``...query.weight``);
+* sharded parameters are ``DTensor``: load a full state dict with ``set_model_state_dict(module, state_dict,
+  options=StateDictOptions(full_state_dict=True, strict=False))`` (``torch.distributed.checkpoint.
+  state_dict``), or copy ``distribute_tensor(full, p.device_mesh, p.placements)`` into each parameter;
+* non-persistent buffers that no ``reset_parameters()`` re-creates (BERT's ``position_ids`` and
+  ``token_type_ids``, Llama's rotary ``inv_freq``; Lightning warns "Parameter initialization incomplete" and
+  names their modules) hold uninitialised memory until restored too;
+* BitFit: then call :func:`lightning_peft.tuners.bitfit.record_original_biases` (``disable_adapters`` refuses
+  the model until the original biases are known);
+* prompt tuning with ``init="text"`` and ``FusionConfig(adapters={name: path})`` read values a meta model does
+  not have and are refused at injection; stage-1 adapters fused by name get their trained tensors with
+  :func:`lightning_peft.named.load_adapter_tensors` after the materialisation;
+* the base fingerprint stored in adapter-only checkpoints holds shapes and dtypes only (no value checksums),
+  so a resume checks the base model's architecture, not its weights.
+
 Tracking: at ``on_fit_start`` every logger gets the tuner config, trainable / total parameters and the
 attention variant of an :class:`~lightning_peft.callbacks.AttentionSwap` callback; after every checkpoint
 write its path and size. With a ``WandbLogger`` the adapter-only checkpoint is also logged as a W&B
@@ -107,6 +133,10 @@ class PEFT(Callback):
             continues with the same dropout masks and shuffling as an uninterrupted one.
         log_checkpoint_artifact: log every adapter-only checkpoint as a W&B artifact when a
             ``WandbLogger`` is attached (and its own ``log_model`` is off).
+
+    A model built on the meta device (``trainer.init_module(empty_init=True)``) gets its adapters at their
+    own init when the strategy materialises it, but its frozen base at random values: load the pretrained
+    weights after that, e.g. in ``on_fit_start`` (what to mind: this module's docstring).
 
     Example::
 

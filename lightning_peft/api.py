@@ -33,7 +33,7 @@ from lightning_peft.layers import (
     mark,
 )
 from lightning_peft.targeting import find_modules
-from lightning_peft.tuners.bitfit import ORIGINAL_BIAS
+from lightning_peft.tuners.bitfit import ORIGINAL_BIAS, UNRECORDED_BIAS, check_original_biases
 
 __all__ = [
     "CONFIG_ATTR",
@@ -209,6 +209,7 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 
     ``modules_to_save`` modules are trained in place and stay as trained.
     """
+    check_original_biases(model)
     adapters = [m for m in model.modules() if isinstance(m, Adapter) and not m.disabled]
     remerge = [m for m in adapters if isinstance(m, Mergeable) and m.merged]
     biased = [m for m in model.modules() if hasattr(m, ORIGINAL_BIAS)]
@@ -275,7 +276,7 @@ def unload(model: nn.Module, *, merge_weights: bool = True) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module.base_layer)
     for module in model.modules():
-        for attr in (TRAINABLE_ATTR, CONFIG_ATTR, STATE_ATTR):
+        for attr in (TRAINABLE_ATTR, CONFIG_ATTR, STATE_ATTR, UNRECORDED_BIAS):
             if attr in module.__dict__:
                 delattr(module, attr)
         if ORIGINAL_BIAS in module._buffers:

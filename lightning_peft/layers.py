@@ -11,6 +11,22 @@ Tuners change a model in two ways. Wrappers replace a layer and keep it as ``bas
 bottleneck adapters). Other tuner modules sit next to the base and reach into it with forward hooks
 (prompt tuning, P-tuning, K-Adapter, AdapterDrop, prefix tuning, the unified view's parallel adapters):
 those implement :class:`HookOwner`, so :func:`lightning_peft.unload` can take them out again.
+
+Initialisation lives in ``reset_parameters()`` of the module that *directly* holds each tuner tensor. A
+model built on the meta device (``Trainer.init_module(empty_init=True)`` under ``ModelParallelStrategy``,
+``with torch.device("meta")``) gets its values from ``to_empty()`` followed by ``reset_parameters()``:
+Lightning's ``_materialize_distributed_module`` calls it on every module holding tensors directly, parents
+before children, and skips modules holding none; ``model.apply(lambda m: m.reset_parameters())`` visits
+children first. Init done in a parent's ``__init__`` (``nn.init.zeros_(self.up.weight)``) would be lost,
+either way: the child ``nn.Linear`` resets to Kaiming-uniform, and LoRA would no longer start as a no-op.
+So the linear layers with a tuner's own init are small ``nn.Linear`` subclasses (:class:`ZeroInitLinear`,
+:class:`NormalInitLinear`, :class:`IdentityInitLinear`: same state-dict names, still ``nn.Linear``) whose
+``reset_parameters()`` gives that init, and tuner modules holding parameters themselves (LoRA's embedding
+factors, PHM layers, ...) define ``reset_parameters()`` for those. Then every visiting order and every
+subset of visited modules gives the tuner's init. The adapter modules above them (a LoRA layer, a
+bottleneck or Compacter adapter, the unified view's branches, AdapterFusion, a K-Adapter layer) define
+``reset_parameters()`` as well, re-initialising every tuner tensor under them (never a base layer), for
+users who re-initialise an adapter by hand.
 """
 
 from __future__ import annotations
@@ -18,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -27,8 +44,11 @@ __all__ = [
     "Adapter",
     "BaseLayerWrapper",
     "HookOwner",
+    "IdentityInitLinear",
     "Mergeable",
+    "NormalInitLinear",
     "Restorable",
+    "ZeroInitLinear",
     "iter_trainable_parameters",
     "mark",
     "mark_state",
@@ -164,3 +184,59 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+# -- linear layers that keep a tuner's init through meta-device materialisation ----------------------------
+# Each reset runs nn.Linear's own first, then overwrites it: building one draws the random numbers a plain
+# nn.Linear draws (then those of its own init, if random), so a seeded LoRA still starts from the very
+# lora_A of Hugging Face PEFT, which builds lora_B as a plain nn.Linear and zeroes it.
+
+
+class ZeroInitLinear(nn.Linear):
+    """``nn.Linear`` whose weight and bias start at, and reset to, zero (LoRA's ``B``, an adapter's
+    up-projection: what makes an untrained tuner the identity)."""
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.zeros_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class NormalInitLinear(nn.Linear):
+    """``nn.Linear`` with weight ~ N(0, ``std``) and a zero bias, at construction and on reset."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        std: float,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.std = std  # set first: nn.Linear.__init__ calls reset_parameters, which reads it
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.normal_(self.weight, std=self.std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, std={self.std:g}"
+
+
+class IdentityInitLinear(nn.Linear):
+    """Square ``nn.Linear`` starting at, and resetting to, the identity map (weight ``I``, bias zero)."""
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.eye_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)

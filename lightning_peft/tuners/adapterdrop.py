@@ -120,6 +120,12 @@ class AdapterDropController(nn.Module):
         """Take the block hooks off the model (:class:`~lightning_peft.layers.HookOwner`)."""
         remove_handles(self._handles)
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Back to step 0. Meta-device materialisation calls this (the module holds the ``step`` buffer,
+        which ``to_empty()`` leaves as uninitialised memory)."""
+        self.step.zero_()
+
     def _draw(self) -> int:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.step))
         self.step += 1

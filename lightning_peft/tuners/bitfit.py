@@ -4,7 +4,9 @@ Masked Language-models"): train only bias terms.
 ``biases`` picks which: ``"all"`` (every bias, LayerNorm included: 102,912 on BERT-base), ``"attention"``
 (q/k/v/output projections), ``"ffn"`` (feed-forward projections), ``"layernorm"``, or a list of these.
 The original biases are kept in a non-persistent buffer so :func:`lightning_peft.disable_adapters` can
-show the base model's behaviour.
+show the base model's behaviour. A model on the meta device (built for materialisation by Lightning) has
+no bias values at injection: call :func:`record_original_biases` once its base weights are loaded;
+``disable_adapters`` refuses it until then rather than restore meaningless biases.
 """
 
 from __future__ import annotations
@@ -18,9 +20,18 @@ from lightning_peft.families import part_regex
 from lightning_peft.layers import mark
 from lightning_peft.targeting import find_modules, matches
 
-__all__ = ["ORIGINAL_BIAS", "BitFitConfig"]
+__all__ = [
+    "ORIGINAL_BIAS",
+    "UNRECORDED_BIAS",
+    "BitFitConfig",
+    "check_original_biases",
+    "record_original_biases",
+]
 
 ORIGINAL_BIAS = "_lp_bias_orig"
+#: Plain attribute on a module whose bias was on the meta device at injection: its original value is
+#: recorded by :func:`record_original_biases`, once there is one.
+UNRECORDED_BIAS = "_lp_bias_unrecorded"
 _GROUPS = ("all", "attention", "ffn", "layernorm")
 
 
@@ -74,9 +85,35 @@ class BitFitConfig(TunerConfig):
                 ("layernorm" in groups and _is_norm(module))
                 or any(matches(name, rx) for rx in regexes.values())
             ):
-                module.register_buffer(ORIGINAL_BIAS, bias.detach().clone(), persistent=False)
+                if bias.is_meta:  # no values yet: to_empty() would leave a copy as uninitialised memory
+                    setattr(module, UNRECORDED_BIAS, True)
+                else:
+                    module.register_buffer(ORIGINAL_BIAS, bias.detach().clone(), persistent=False)
                 mark(module, ["bias"])
                 chosen.append(name)
         if not chosen:
             raise ValueError(f"BitFitConfig(biases={self.biases!r}) found no bias parameter to train")
         return chosen
+
+
+def record_original_biases(model: nn.Module) -> list[str]:
+    """Record the current biases of the BitFit modules injected on the meta device as their originals
+    (what :func:`lightning_peft.disable_adapters` restores). Call it once the base weights are loaded, before
+    training changes them. Returns the names of the modules recorded (biases recorded before are kept)."""
+    recorded = []
+    for name, module in model.named_modules():
+        if module.__dict__.pop(UNRECORDED_BIAS, False):
+            module.register_buffer(ORIGINAL_BIAS, module.bias.detach().clone(), persistent=False)
+            recorded.append(name)
+    return recorded
+
+
+def check_original_biases(model: nn.Module) -> None:
+    """Raise when BitFit biases of ``model`` have no recorded original (injected on the meta device)."""
+    missing = [name for name, m in model.named_modules() if getattr(m, UNRECORDED_BIAS, False)]
+    if missing:
+        raise ValueError(
+            f"the original biases of {len(missing)} BitFit module(s) (e.g. {', '.join(missing[:3])}) were "
+            "not recorded: the model was on the meta device at injection. Load the base weights, then call "
+            "lightning_peft.tuners.bitfit.record_original_biases(model) before training"
+        )

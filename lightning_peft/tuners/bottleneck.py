@@ -20,12 +20,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
 from lightning_peft.families import part_regex
-from lightning_peft.layers import BaseLayerWrapper, mark, replace_module
+from lightning_peft.layers import (
+    BaseLayerWrapper,
+    NormalInitLinear,
+    ZeroInitLinear,
+    mark,
+    replace_module,
+)
 from lightning_peft.targeting import find_modules
 
 __all__ = [
@@ -88,6 +93,11 @@ class BottleneckConfig(TunerConfig):
         check_positive("BottleneckConfig", "reduction_factor", self.reduction_factor)
         if self.bottleneck_size is not None:
             check_positive("BottleneckConfig", "bottleneck_size", self.bottleneck_size)
+
+    @property
+    def identity_at_init(self) -> bool:  # type: ignore[override]
+        """``init="houlsby"`` is near-identity only: its up-projection starts small, not zero."""
+        return self.init == "identity"
 
     def placements(self, model: nn.Module) -> list[str]:
         """Names of the modules whose outputs get an adapter (family parts or ``target_modules``)."""
@@ -157,19 +167,20 @@ class BottleneckAdapter(nn.Module):
         self, d: int, m: int, *, activation: str = "relu", scaling: float = 1.0, init: str = "identity"
     ) -> None:
         super().__init__()
-        self.down = nn.Linear(d, m)
+        # Each projection's reset_parameters() gives its init, so it survives meta-device materialisation
+        # (see lightning_peft.layers). "houlsby": near-identity, both N(0, 1e-2) with zero biases;
+        # "identity": the up-projection zero.
+        houlsby = init == "houlsby"
+        self.down = NormalInitLinear(d, m, std=1e-2) if houlsby else nn.Linear(d, m)
         self.act = ACTIVATIONS[activation]()
-        self.up = nn.Linear(m, d)
+        self.up = NormalInitLinear(m, d, std=1e-2) if houlsby else ZeroInitLinear(m, d)
         self.scaling = scaling
-        with torch.no_grad():
-            if init == "houlsby":
-                for lin in (self.down, self.up):
-                    nn.init.normal_(lin.weight, std=1e-2)
-                    nn.init.zeros_(lin.bias)
-            else:
-                nn.init.zeros_(self.up.weight)
-                nn.init.zeros_(self.up.bias)
         mark(self)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise both projections (the adapter is the identity again with ``init="identity"``)."""
+        self.down.reset_parameters()
+        self.up.reset_parameters()
 
     def forward(self, h: Tensor) -> Tensor:
         return h + self.up(self.act(self.down(h))) * self.scaling

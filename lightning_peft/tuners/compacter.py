@@ -36,7 +36,14 @@ from lightning_peft.layers import mark, replace_module
 from lightning_peft.targeting import find_modules
 from lightning_peft.tuners.bottleneck import ACTIVATIONS, STYLE_PARTS, AdapterAfter, output_width
 
-__all__ = ["CompacterAdapter", "CompacterConfig", "CompacterPlusPlusConfig", "PHMLinear", "kron_sum"]
+__all__ = [
+    "CompacterAdapter",
+    "CompacterConfig",
+    "CompacterPlusPlusConfig",
+    "PHMLinear",
+    "SharedRule",
+    "kron_sum",
+]
 
 
 def kron_sum(rule: Tensor, fast: Tensor) -> Tensor:
@@ -46,16 +53,33 @@ def kron_sum(rule: Tensor, fast: Tensor) -> Tensor:
     return torch.einsum("kab,kij->aibj", rule, fast).reshape(n * p, n * q)
 
 
+class SharedRule:
+    """The slow weights ``A`` (n, n, n) that several PHM layers share (Compacter's ``shared_phm_rule``).
+
+    A plain object, not a module: the tensor is registered in every layer as its ``phm_rule``, so the
+    state-dict keys are those of an unshared rule. It lets a layer re-tie after ``to_empty()`` from the
+    meta device, which gives every module a new tensor of its own and so breaks the sharing: the first
+    layer reset afterwards makes its tensor the group's, the others take that one
+    (:meth:`PHMLinear.reset_parameters`).
+    """
+
+    def __init__(self, param: nn.Parameter) -> None:
+        self.param = param
+
+
 class PHMLinear(nn.Module):
     """A ``k -> d`` linear map whose weight is a sum of Kronecker products (see the module docstring).
 
     Args:
         in_features, out_features: ``k`` and ``d``, both multiples of ``n``.
         n: number of Kronecker products (``phm_dim``).
-        rule: the shared slow weights ``A`` (n, n, n); ``None`` gives this layer its own.
+        rule: the slow weights ``A`` (n, n, n) shared with other layers (a :class:`SharedRule`, which also
+            keeps them shared through meta-device materialisation, or the tensor itself); ``None`` gives
+            this layer its own.
         rank: rank of the fast weights (``None``: full ``(k/n, d/n)`` matrices).
         bias: add a bias of size ``d``.
         zero_init: start with the fast weights' right factor (and the bias) at zero: the map is then 0.
+        init_range: standard deviation of the initial slow weights (of this layer's own rule).
     """
 
     def __init__(
@@ -64,7 +88,7 @@ class PHMLinear(nn.Module):
         out_features: int,
         *,
         n: int,
-        rule: nn.Parameter | None = None,
+        rule: SharedRule | nn.Parameter | None = None,
         rank: int | None = 1,
         bias: bool = True,
         zero_init: bool = False,
@@ -78,9 +102,13 @@ class PHMLinear(nn.Module):
                 f"PHMLinear: in ({in_features}) and out ({out_features}) must be multiples of n={n}"
             )
         self.in_features, self.out_features, self.n, self.rank = in_features, out_features, n, rank
+        self.zero_init, self.init_range = zero_init, init_range
         p, q = in_features // n, out_features // n
         kw = {"device": device, "dtype": dtype}
-        self.phm_rule = rule if rule is not None else new_rule(n, init_range, **kw)
+        if isinstance(rule, nn.Parameter):
+            rule = SharedRule(rule)
+        self._shared = rule  # a plain attribute: the tensor itself is registered just below
+        self.phm_rule = rule.param if rule is not None else new_rule(n, init_range, **kw)
         if rank is None:
             self.fast = nn.Parameter(torch.empty(n, p, q, **kw))
             self.s = self.t = None
@@ -89,9 +117,26 @@ class PHMLinear(nn.Module):
             self.s = nn.Parameter(torch.empty(n, p, rank, **kw))  # (n, k/n, r)
             self.t = nn.Parameter(torch.empty(n, rank, q, **kw))  # (n, r, d/n)
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
-        self._init(zero_init)
+        self._init_fast()
 
-    def _init(self, zero_init: bool) -> None:
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise this layer's tensors as at construction: the rule (re-tied to the other layers
+        sharing it, see :class:`SharedRule`), the fast weights and the bias. Meta-device materialisation
+        calls this: the layer holds its tensors itself."""
+        shared = self._shared
+        if shared is not None and shared.param is not self.phm_rule:
+            group = shared.param
+            if group.is_meta or group.device != self.phm_rule.device:
+                shared.param = self.phm_rule  # left behind by to_empty(): this layer's becomes the group's
+            else:  # another layer sharing the rule was reset first: take its tensor
+                self.phm_rule = shared.param
+        nn.init.normal_(self.phm_rule, std=self.init_range)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        self._init_fast()
+
+    def _init_fast(self) -> None:
         if self.phm_rule.is_meta:
             return
         # Glorot-uniform on each factor (the fan of the full map is k x d); the right factor of a
@@ -104,7 +149,7 @@ class PHMLinear(nn.Module):
                 right, left = left, None
             if left is not None:
                 left.uniform_(-bound, bound)
-            if zero_init:
+            if self.zero_init:
                 right.zero_()
             else:
                 right.uniform_(-bound, bound)
@@ -146,7 +191,7 @@ class CompacterAdapter(nn.Module):
         m: int,
         *,
         n: int,
-        rule: nn.Parameter | None,
+        rule: SharedRule | nn.Parameter | None,
         rank: int | None = 1,
         bias: bool = True,
         activation: str = "gelu",
@@ -163,6 +208,11 @@ class CompacterAdapter(nn.Module):
         self.up = PHMLinear(m, d, zero_init=True, **kw)
         self.scaling = scaling
         mark(self)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise both PHM layers (the up-projection is zero again: the identity)."""
+        self.down.reset_parameters()
+        self.up.reset_parameters()
 
     def forward(self, h: Tensor) -> Tensor:
         return h + self.up(self.act(self.down(h))) * self.scaling
@@ -234,7 +284,7 @@ class CompacterConfig(TunerConfig):
         """A fresh adapter per placement (placement name -> adapter), all sharing one rule if asked."""
         names = self.placements(model)
         adapters: dict[str, nn.Module] = {}
-        shared: nn.Parameter | None = None
+        shared: SharedRule | None = None
         for name in names:
             base = model.get_submodule(name)
             d = output_width(base, name)
@@ -245,7 +295,7 @@ class CompacterConfig(TunerConfig):
             ref = next(base.parameters(), None)
             kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
             if self.shared_phm_rule and shared is None:
-                shared = new_rule(self.phm_dim, self.phm_init_range, **kw)
+                shared = SharedRule(new_rule(self.phm_dim, self.phm_init_range, **kw))
             adapters[name] = CompacterAdapter(
                 d,
                 m,

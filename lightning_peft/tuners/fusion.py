@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.config import TunerConfig, check_positive, register_tuner
-from lightning_peft.layers import TRAINABLE_ATTR, mark
+from lightning_peft.layers import TRAINABLE_ATTR, IdentityInitLinear, NormalInitLinear, mark
 from lightning_peft.named import (
     add_adapter,
     list_adapters,
@@ -53,18 +53,24 @@ class AdapterFusion(nn.Module):
         super().__init__()
         self.names = list(names)
         self.temperature = temperature
-        self.query = nn.Linear(d, d)
-        self.key = nn.Linear(d, d)
-        self.value = nn.Linear(d, d, bias=False)
-        with torch.no_grad():
-            for lin in (self.query, self.key):
-                nn.init.normal_(lin.weight, std=0.02)
-                nn.init.zeros_(lin.bias)
-            self.value.weight.copy_(torch.eye(d))
+        # Each projection's reset_parameters() gives its init, so it survives meta-device materialisation
+        # (see lightning_peft.layers).
+        self.query = NormalInitLinear(d, d, std=0.02)
+        self.key = NormalInitLinear(d, d, std=0.02)
+        self.value = IdentityInitLinear(d, d, bias=False)
         # Running attention statistics for inspection (not state: "_lp_" keeps them out of checkpoints).
         self.register_buffer("_lp_weight_sum", torch.zeros(len(self.names)), persistent=False)
         self.register_buffer("_lp_weight_count", torch.zeros(()), persistent=False)
         mark(self)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise ``Q``, ``K`` (N(0, 0.02), zero bias) and ``V`` (identity) and clear the attention
+        statistics. This module holds those buffers itself, so meta-device materialisation calls this."""
+        for linear in (self.query, self.key, self.value):
+            linear.reset_parameters()
+        self._lp_weight_sum.zero_()
+        self._lp_weight_count.zero_()
 
     def attention(self, h: Tensor, deltas: Tensor) -> Tensor:
         """Softmax weights (..., N) of the adapters; ``h`` (..., d), ``deltas`` (..., N, d)."""
@@ -201,6 +207,15 @@ class FusionConfig(TunerConfig):
 
     def apply(self, model: nn.Module) -> list[str]:
         if isinstance(self.adapters, dict):
+            if any(p.is_meta for p in model.parameters()):
+                # Tensors copied into meta parameters are dropped, and materialisation would reset the
+                # stage-1 adapters to their untrained init: fusing them would silently learn nothing.
+                raise ValueError(
+                    "FusionConfig(adapters={name: path}) loads the stage-1 adapters at injection, but the "
+                    "model is on the meta device, where they cannot hold values. Add them by name instead "
+                    "(lightning_peft.named.add_adapter, then FusionConfig(adapters=[names])) and load their "
+                    "tensors with lightning_peft.named.load_adapter_tensors after the model is materialised"
+                )
             for name, path in self.adapters.items():
                 config, tensors = read_adapter(path)
                 add_adapter(model, name, config)

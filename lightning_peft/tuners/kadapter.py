@@ -48,10 +48,11 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.config import TunerConfig, check_positive, config_from_dict, register_tuner
-from lightning_peft.layers import TRAINABLE_ATTR, mark, mark_state, remove_handles
+from lightning_peft.layers import TRAINABLE_ATTR, NormalInitLinear, mark, mark_state, remove_handles
 from lightning_peft.targeting import find_modules
 
 __all__ = [
@@ -72,24 +73,55 @@ __all__ = [
 SET_NAME = "kadapters"
 
 
+class _SelfAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose init is public as ``reset_parameters()``: torch names it
+    ``_reset_parameters()``, which meta-device materialisation (Lightning's) does not call, leaving the
+    attention's projections uninitialised memory."""
+
+    def reset_parameters(self) -> None:
+        self._reset_parameters()
+
+
+class _OutProjection(NonDynamicallyQuantizableLinear):
+    """The attention's output projection: ``nn.Linear``'s weight and the zero bias that
+    ``nn.MultiheadAttention``'s init gives it, also when it is reset after the attention."""
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+def _encoder_layer(hidden: int, heads: int, ffn: int, dropout: float) -> nn.TransformerEncoderLayer:
+    """torch's encoder layer, built by torch as usual, whose attention keeps its init through meta-device
+    materialisation: the two modules get a subclass adding only the resets above (no state, so switching
+    an instance's class is safe, as FSDP2's ``fully_shard`` does)."""
+    layer = nn.TransformerEncoderLayer(
+        hidden, heads, ffn, dropout=dropout, activation="gelu", batch_first=True
+    )
+    layer.self_attn.__class__ = _SelfAttention
+    layer.self_attn.out_proj.__class__ = _OutProjection
+    return layer
+
+
 class KnowledgeAdapterLayer(nn.Module):
     """``h + up(TransformerEncoderLayer^N(down(h)))``: (B, T, d) -> (B, T, d)."""
 
     def __init__(self, d: int, hidden: int, *, num_layers: int, heads: int, ffn: int, dropout: float) -> None:
         super().__init__()
-        self.down = nn.Linear(d, hidden)
-        self.encoder = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                hidden, heads, ffn, dropout=dropout, activation="gelu", batch_first=True
-            )
-            for _ in range(num_layers)
-        )
-        self.up = nn.Linear(hidden, d)
-        with torch.no_grad():  # the released code: small normal init (2e-4 on the up projection), zero bias
-            nn.init.normal_(self.down.weight, std=0.02)
-            nn.init.zeros_(self.down.bias)
-            nn.init.normal_(self.up.weight, std=2e-4)
-            nn.init.zeros_(self.up.bias)
+        # The released code: small normal init (2e-4 on the up projection), zero biases; in the layers'
+        # own reset_parameters(), so it survives meta-device materialisation (see lightning_peft.layers).
+        self.down = NormalInitLinear(d, hidden, std=0.02)
+        self.encoder = nn.ModuleList(_encoder_layer(hidden, heads, ffn, dropout) for _ in range(num_layers))
+        self.up = NormalInitLinear(hidden, d, std=2e-4)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every tensor of the layer as at construction."""
+        for module in self.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if module is not self and callable(reset):
+                reset()
 
     def forward(self, h: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         x = self.down(h)

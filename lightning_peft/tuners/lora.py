@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
 from lightning_peft.families import detect_family
-from lightning_peft.layers import BaseLayerWrapper, mark, replace_module
+from lightning_peft.layers import BaseLayerWrapper, NormalInitLinear, ZeroInitLinear, mark, replace_module
 from lightning_peft.targeting import find_modules, linear_types
 
 __all__ = ["LoRAConfig", "LoRAEmbedding", "LoRALinear"]
@@ -122,18 +122,27 @@ class LoRALinear(BaseLayerWrapper):
         in_f, out_f = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
         self.base_layer = base_layer
         kw = {"device": weight.device, "dtype": weight.dtype}
-        self.lora_A = mark(nn.Linear(in_f, r, bias=False, **kw))
-        self.lora_B = mark(nn.Linear(r, out_f, bias=False, **kw))
+        # The init lives in each factor's own reset_parameters() (it survives meta-device materialisation,
+        # see lightning_peft.layers): nn.Linear's is LoRA's Kaiming-uniform A (a = sqrt(5)).
+        self.lora_A = mark(
+            NormalInitLinear(in_f, r, bias=False, std=1.0 / r, **kw)
+            if init == "gaussian"
+            else nn.Linear(in_f, r, bias=False, **kw)
+        )
+        self.lora_B = mark(ZeroInitLinear(r, out_f, bias=False, **kw))
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.scaling = r, scaling
         self.merged = False
         self.disabled = False
-        with torch.no_grad():
-            if init == "gaussian":
-                nn.init.normal_(self.lora_A.weight, std=1.0 / r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B.weight)
+        if init != "gaussian":
+            # Drawn again after B, as Hugging Face PEFT does: a seeded run starts from PEFT's very A.
+            self.lora_A.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise ``A`` and ``B`` (``B`` zero: the layer is the base layer again); the base layer
+        is left as it is."""
+        self.lora_A.reset_parameters()
+        self.lora_B.reset_parameters()
 
     def delta_weight(self) -> Tensor:
         """``s * B @ A`` in the base weight's layout: (out, in), or (in, out) for Conv1D."""
@@ -182,6 +191,13 @@ class LoRAEmbedding(BaseLayerWrapper):
         self.r, self.scaling = r, scaling
         self.merged = False
         self.disabled = False
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """``A`` zero, ``B`` ~ N(0, 1), as at construction; the base embedding is left as it is. This
+        module holds both factors itself, so meta-device materialisation calls this for them."""
+        nn.init.zeros_(self.lora_embedding_A)
+        nn.init.normal_(self.lora_embedding_B)
 
     def delta_weight(self) -> Tensor:
         """``s * (B @ A)^T``: (vocab, dim), the base embedding's layout."""

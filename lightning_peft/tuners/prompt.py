@@ -288,6 +288,13 @@ class PromptTuningConfig(TunerConfig):
         embeddings = root.get_input_embeddings()
         init = None
         if self.init == "text":
+            if embeddings.weight.is_meta:
+                raise ValueError(
+                    "PromptTuningConfig(init='text') copies the embeddings of init_text's tokens, but the "
+                    "model is on the meta device, where they have no values yet (and materialisation would "
+                    "replace the prompt by a random one). Inject after the base weights are loaded, or use "
+                    "init='random'"
+                )
             ids = text_init_ids(load_tokenizer(self.tokenizer), str(self.init_text), self.num_virtual_tokens)
             with torch.no_grad():
                 init = embeddings(torch.tensor(ids, device=embeddings.weight.device)).detach().clone()

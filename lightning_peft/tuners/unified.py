@@ -49,7 +49,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
 from lightning_peft.families import detect_family, part_regex
-from lightning_peft.layers import mark, remove_handles, replace_module
+from lightning_peft.layers import ZeroInitLinear, mark, remove_handles, replace_module
 from lightning_peft.targeting import find_modules
 from lightning_peft.tuners.bottleneck import ACTIVATIONS, AdapterAfter, BottleneckAdapter, _output_width
 from lightning_peft.tuners.lora import LoRAConfig
@@ -209,13 +209,16 @@ class GatedBranch(nn.Module):
         super().__init__()
         self.down = nn.Linear(d, m)
         self.act = ACTIVATIONS[activation]()
-        self.up = nn.Linear(m, d)
+        self.up = ZeroInitLinear(m, d)  # zero in its own reset_parameters(): kept through materialisation
         self.gate = nn.Linear(d, 1) if gated else None
         self.scale = scale
-        with torch.no_grad():
-            nn.init.zeros_(self.up.weight)
-            nn.init.zeros_(self.up.bias)
         mark(self)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the branch (``up`` zero: the branch adds exactly zero again)."""
+        for linear in (self.down, self.up, self.gate):
+            if linear is not None:
+                linear.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.up(self.act(self.down(x))) * self.scale
@@ -289,6 +292,17 @@ class MultiHeadBranch(nn.Module):
         self.gate = nn.Linear(d, heads) if gated else None
         self.scale = scale
         mark(self)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise the branch: ``U`` and ``u`` zero (the branch adds exactly zero), the down and gate
+        projections as ``nn.Linear``. This module holds ``U`` and ``u`` itself, so meta-device
+        materialisation calls this for them."""
+        nn.init.zeros_(self.up_weight)
+        nn.init.zeros_(self.up_bias)
+        for linear in (self.down, self.gate):
+            if linear is not None:
+                linear.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         z = self.act(self.down(x)).unflatten(-1, (self.heads, self.m))  # (..., H, m)

@@ -6,9 +6,10 @@ in the same processes (the process group is reused), then tries to resume it wit
 must be refused. Every rank writes what it saw, gathered to full tensors, to
 ``<out>/{train,resume,refused}_rank<r>.pt`` for the test to compare.
 
-Usage: ``fsdp2_train.py OUT {init,configure_model} {file,distributed}``: where the model is built (the
-callback injects before or after the user's ``configure_model`` shards it) and the checkpoint layout
-(``save_distributed_checkpoint`` False or True).
+Usage: ``fsdp2_train.py OUT {init,configure_model,meta} {file,distributed}``: where the model is built (the
+callback injects before or after the user's ``configure_model`` shards it; ``meta``: in ``__init__`` on the
+meta device, materialised by the strategy, the base weights loaded in ``on_fit_start``) and the checkpoint
+layout (``save_distributed_checkpoint`` False or True).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -48,6 +49,43 @@ class ShardedClassifier(TinyClassifier):
         for layer in self.backbone.encoder.layer:
             fully_shard(layer, mesh=mesh)
         fully_shard(self, mesh=mesh)
+
+
+class MetaClassifier(ShardedClassifier):
+    """``ShardedClassifier`` built on the meta device (under ``Trainer.init_module(empty_init=True)``), as a
+    large model is. The strategy materialises it after ``configure_model`` shards it: every module is reset,
+    the adapters to their own init and the base to random values; ``on_fit_start`` loads the base weights as
+    users load pretrained ones, and ``on_train_start`` records the outputs with and without the adapters."""
+
+    def on_fit_start(self) -> None:
+        reference = TinyClassifier(seed=self.seed).backbone
+        assert reference is not None
+        load_base_weights(self, reference, prefix="backbone.")
+
+    def on_train_start(self) -> None:
+        ids = tiny_loader().dataset.tensors[0][:8]  # type: ignore[attr-defined]
+        self.eval()  # no dropout: the two forwards must see the same network
+        with torch.no_grad():
+            self.outputs = {"tuned": full(self(ids))}
+            with lp.disable_adapters(self):
+                self.outputs["base"] = full(self(ids))
+        self.train()
+
+
+@torch.no_grad()
+def load_base_weights(module: torch.nn.Module, reference: torch.nn.Module, prefix: str = "") -> None:
+    """Copy ``reference``'s parameters and buffers (non-persistent ones too, such as BERT's ``position_ids``,
+    which materialisation leaves as uninitialised memory) into the sharded, injected ``module``: names there
+    carry ``.base_layer`` where a tuner wraps a layer; a ``DTensor`` takes its shard of the full tensor."""
+    source = dict(reference.named_parameters()) | dict(reference.named_buffers())
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        key = clean_key(name).replace(".base_layer", "")
+        value = source.get(key.removeprefix(prefix)) if key.startswith(prefix) else None
+        if value is None:  # an adapter, or a module outside the loaded part (the classifier head)
+            continue
+        if isinstance(tensor, DTensor):  # a collective: every rank walks the same names in the same order
+            value = distribute_tensor(value.to(tensor.dtype), tensor.device_mesh, tensor.placements)
+        tensor.copy_(value)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -85,6 +123,7 @@ class Record(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.seen["end"] = self._record(trainer, pl_module)
+        self.seen["outputs"] = getattr(pl_module, "outputs", None)  # MetaClassifier's, at train start
         self.seen["requires_grad"] = sorted(
             clean_key(n) for n, p in pl_module.named_parameters() if p.requires_grad
         )
@@ -94,7 +133,6 @@ def fit(
     out: Path, build: str, layout: str, steps: int, ckpt_path: str | None, r: int = 4
 ) -> tuple[L.Trainer, Record, PEFT]:
     L.seed_everything(0)
-    module = ShardedClassifier(build_in_configure_model=build == "configure_model")
     record, peft = Record(), PEFT(lora(r), check_gradients=True)
     strategy = ModelParallelStrategy(
         data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=layout == "distributed"
@@ -109,6 +147,13 @@ def fit(
         max_epochs=10,
         deterministic=False,
     )
+    module: ShardedClassifier
+    if build == "meta":
+        with run.init_module(empty_init=True):  # this strategy: the meta device
+            module = MetaClassifier()
+        assert all(p.is_meta for p in module.parameters())
+    else:
+        module = ShardedClassifier(build_in_configure_model=build == "configure_model")
     run.fit(module, tiny_loader(), ckpt_path=ckpt_path)
     return run, record, peft
 

@@ -5,7 +5,9 @@ every rank saw (gathered to full tensors) and the checkpoints it wrote, for a mo
 (adapters injected before the user's ``configure_model`` shards it) and one built and sharded in
 ``configure_model`` (adapters injected after, as FSDP2 units of their own), with both checkpoint layouts of
 the strategy: one file (``save_distributed_checkpoint=False``) and a distributed-checkpoint folder (its
-default).
+default). A third build puts the model on the meta device (``Trainer.init_module(empty_init=True)``), as
+large models are built: the strategy materialises it, the adapters must come back at their own init (LoRA a
+no-op) and the base weights, loaded in ``on_fit_start``, must be the ones that train under the adapters.
 """
 
 from __future__ import annotations
@@ -161,13 +163,27 @@ def _assert_resumed(resume: list[dict[str, Any]], train: list[dict[str, Any]]) -
 
 def _assert_units(train: list[dict[str, Any]], build: str) -> None:
     units = train[0]["end"]["fsdp_units"]
-    if build == "init":  # injected before configure_model: the user's calls shard adapters with their blocks
+    if build in ("init", "meta"):  # injected before configure_model: the user's calls shard them with blocks
         assert units == ["", *BLOCKS]
     else:  # injected into the sharded model: each adapter module joins its block's own adapter unit
         adapters = [
             f"{b}.attention.self.{p}.lora_{m}" for b in BLOCKS for p in ("query", "value") for m in "AB"
         ]
         assert units == sorted(["", *BLOCKS, *adapters])
+
+
+def _assert_started_as_the_base(train: list[dict[str, Any]]) -> None:
+    """Built on the meta device: after the strategy's materialisation and the base-weight load, the base is
+    exactly the loaded model, LoRA's B is zero and the model's output is the base model's."""
+    reference = {f"backbone.{n}": p.detach() for n, p in TinyClassifier().backbone.named_parameters()}
+    for rank in train:
+        start, outputs = rank["start"], rank["outputs"]
+        frozen = {k.replace(".base_layer", ""): v for k, v in start["frozen"].items()}
+        _assert_equal(frozen, reference)
+        lora_b = [v for k, v in start["adapters"].items() if "lora_B" in k]
+        assert len(lora_b) == 4 and not any(v.any() for v in lora_b)
+        assert all(v.std() > 0.05 for k, v in start["adapters"].items() if "lora_A" in k)  # Kaiming, not 0
+        assert torch.equal(outputs["tuned"], outputs["base"])  # a no-op: adapters on and off agree
 
 
 def _plain_resume(tmp_path: Path, ckpt: Path, checkpoint: dict[str, Any]) -> None:
@@ -187,12 +203,14 @@ def _plain_resume(tmp_path: Path, ckpt: Path, checkpoint: dict[str, Any]) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("build", ["init", "configure_model"])
+@pytest.mark.parametrize("build", ["init", "configure_model", "meta"])
 def test_fsdp2_single_file_checkpoint(tmp_path: Path, build: str) -> None:
     """``save_distributed_checkpoint=False``: one adapter-only file, resumable sharded and in one process."""
     train, resume = _launch(tmp_path, build, "file")
     adapters = _assert_trained(train)
     _assert_units(train, build)
+    if build == "meta":
+        _assert_started_as_the_base(train)
 
     ckpt = tmp_path / "ckpt" / "last.ckpt"
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.ckpt"] and ckpt.is_file()
