@@ -14,8 +14,6 @@ import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-from lightning_peft.tasks.pretrained import _quiet_transformers, load_tokenizer, resolve_pretrained_path
-
 __all__ = ["CAUSAL_TYPES", "is_causal_config", "lm_from_config", "load_lm", "load_lm_tokenizer"]
 
 CAUSAL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "opt", "phi", "gemma", "smollm3")
@@ -38,6 +36,11 @@ def load_lm(name_or_path: str, **kwargs: Any) -> nn.Module:
     Raises:
         ValueError: The folder's weights lack the LM head (e.g. a sentence-embedding model).
     """
+    from lightning_peft.tasks.pretrained import (
+        _quiet_transformers,
+        resolve_pretrained_path,
+    )  # no import cycle
+
     path = resolve_pretrained_path(name_or_path)
     config = transformers.AutoConfig.from_pretrained(path)
     auto = AutoModelForCausalLM if is_causal_config(config) else AutoModelForMaskedLM
@@ -68,6 +71,8 @@ def lm_from_config(config: dict[str, Any]) -> nn.Module:
 
 def load_lm_tokenizer(name_or_path: str | None) -> Any:
     """The tokenizer of a model folder / known name; a pad token is set for decoders that lack one."""
+    from lightning_peft.tasks.pretrained import load_tokenizer  # no import cycle
+
     tokenizer = load_tokenizer(name_or_path)
     if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
