@@ -31,6 +31,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import get_linear_schedule_with_warmup
 
+from lightning_peft.prompting.demonstrations import DemonstrationSampler, SentenceEmbedder
 from lightning_peft.prompting.ensemble import distillation_loss
 from lightning_peft.prompting.mlm import mask_tokens
 from lightning_peft.prompting.models import lm_from_config, load_lm, load_lm_tokenizer
@@ -41,6 +42,9 @@ from lightning_peft.prompting.tokens import lm_kind
 from lightning_peft.prompting.verbalizer import Verbalizer
 
 __all__ = ["PromptClassifier"]
+
+#: Demonstration draws at inference are numbered from here (training uses the global step).
+EVAL_DRAW = 2**30
 
 
 class PromptClassifier(L.LightningModule):
@@ -75,6 +79,13 @@ class PromptClassifier(L.LightningModule):
         weight_decay: AdamW weight decay for matrices.
         warmup_ratio: Linear warmup share of the steps, then linear decay to 0.
         soft_seed: Seed of the random init of ``{soft:n}`` tokens.
+        demonstrations: LM-BFF demonstrations: ``0`` = off, else the number of demonstration sets averaged
+            at inference (LM-BFF: 16); training draws a fresh set per example and step. The pool is the
+            data module's (few-shot) training set, or :meth:`set_demonstration_pool`.
+        demo_embedding: Sentence-embedding model ranking demonstrations by similarity (``"minilm"``), or
+            ``None`` for uniform draws.
+        demo_top_fraction: Share of each class's most similar candidates kept (LM-BFF: 0.5).
+        demo_separator: Text between the input and each demonstration.
         lm: An LM object to use as it is (Python only; PET ensembles share one base this way).
     """
 
@@ -97,6 +108,10 @@ class PromptClassifier(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.0,
         soft_seed: int = 0,
+        demonstrations: int = 0,
+        demo_embedding: str | None = "minilm",
+        demo_top_fraction: float = 0.5,
+        demo_separator: str = " ",
         lm: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -111,6 +126,8 @@ class PromptClassifier(L.LightningModule):
             raise ValueError(
                 f"mlm_weight (PET's a in (1 - a) L_CE + a L_MLM) must be in [0, 1); got {mlm_weight}"
             )
+        if demonstrations < 0:
+            raise ValueError(f"demonstrations must be >= 0 (0 = off); got {demonstrations}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0; got {temperature}")
         if lm is not None:
@@ -141,6 +158,7 @@ class PromptClassifier(L.LightningModule):
         if not train_base:
             for p in self.model.parameters():
                 p.requires_grad_(False)
+        self.sampler: DemonstrationSampler | None = None
         n = self.scorer.num_labels
         self.val_acc, self.val_f1 = MulticlassAccuracy(n), MulticlassF1Score(n, average="macro")
         self.test_acc, self.test_f1 = MulticlassAccuracy(n), MulticlassF1Score(n, average="macro")
@@ -158,17 +176,61 @@ class PromptClassifier(L.LightningModule):
                 f"the data's labels {list(names)} differ from the verbalizer's {self.label_names}: give the "
                 "verbalizer one entry per label, in the data's label order (or set the data's label_names)"
             )
+        if self.hparams.demonstrations and self.sampler is None:
+            pool = getattr(datamodule, "train_examples", None)
+            if pool is None:
+                raise ValueError(
+                    "demonstrations need a pool: use PromptData or call set_demonstration_pool()"
+                )
+            self.set_demonstration_pool(pool())
+
+    def set_demonstration_pool(self, examples: list[dict[str, Any]]) -> None:
+        """Labeled examples (``{"slots", "label", "index"}``) that demonstrations are drawn from."""
+        name = self.hparams.demo_embedding
+        words = [self.scorer.verbalizer.words[label][0] for label in self.label_names]
+        self.sampler = DemonstrationSampler(
+            examples,
+            words,
+            embed=SentenceEmbedder(name) if name else None,
+            top_fraction=self.hparams.demo_top_fraction,
+            seed=self.hparams.soft_seed,
+        )
 
     # -- batches ---------------------------------------------------------------------------------------
-    def encode_examples(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        """Render and collate raw slot dicts into a prompt batch (CPU)."""
-        return self.scorer.collate([self.scorer.encode(ex, self.hparams.max_length) for ex in examples])
+    def encode_examples(
+        self, examples: list[dict[str, Any]], demos: list[list[tuple[dict[str, Any], str]]] | None = None
+    ) -> dict[str, Any]:
+        """Render and collate raw slot dicts (with per-example demonstrations) into a prompt batch (CPU)."""
+        hp = self.hparams
+        features = [
+            self.scorer.encode(ex, hp.max_length, demos[i] if demos else (), hp.demo_separator)
+            for i, ex in enumerate(examples)
+        ]
+        return self.scorer.collate(features)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Raw batches from :class:`~lightning_peft.tasks.prompt_data.PromptData` are tokenized here."""
         if isinstance(batch, dict) and "examples" in batch:
             batch = dict(batch)
-            batch["prompt"] = self.encode_examples(batch.pop("examples"))
+            slots = batch.pop("examples")
+            if self.hparams.demonstrations:
+                if self.sampler is None:
+                    raise RuntimeError("demonstrations are on but no pool was set (set_demonstration_pool)")
+                index = batch["index"].tolist()
+                exs = [{"slots": s, "index": i} for s, i in zip(slots, index, strict=True)]
+                if self.training:  # a fresh draw per example and step: resumes identically
+                    draw = self.trainer.global_step + 1 if self._trainer is not None else 1
+                    batch["prompt"] = self.encode_examples(
+                        slots, [self.sampler.sample(e, draw, exclude_self=True) for e in exs]
+                    )
+                else:
+                    batch["prompt_sets"] = [
+                        self.encode_examples(slots, [self.sampler.sample(e, EVAL_DRAW + d) for e in exs])
+                        for d in range(self.hparams.demonstrations)
+                    ]
+                    batch["prompt"] = batch["prompt_sets"][0]
+            else:
+                batch["prompt"] = self.encode_examples(slots)
             if self.training and self.hparams.mlm_weight > 0:
                 batch["mlm"] = self._mlm_batch(batch["prompt"])
         return batch
@@ -227,13 +289,19 @@ class PromptClassifier(L.LightningModule):
         self._evaluate(batch, "test", self.test_acc, self.test_f1)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """``(B, C)`` class scores."""
+        """``(B, C)`` class scores (log-probabilities averaged over demonstration sets when on)."""
+        return self.eval_scores(batch)
+
+    def eval_scores(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Class scores of a batch; with demonstrations, the mean log-softmax over the sets (LM-BFF)."""
+        if "prompt_sets" in batch:
+            return torch.stack([self(p).log_softmax(-1) for p in batch["prompt_sets"]]).mean(0)
         return self(batch["prompt"])
 
     def _evaluate(
         self, batch: dict[str, Any], split: str, acc: MulticlassAccuracy, f1: MulticlassF1Score
     ) -> None:
-        scores = self(batch["prompt"])
+        scores = self.eval_scores(batch)
         loss = F.cross_entropy(scores, batch["labels"])
         preds, size = scores.argmax(-1), batch["labels"].shape[0]
         acc.update(preds, batch["labels"])
