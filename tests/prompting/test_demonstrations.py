@@ -1,4 +1,4 @@
-"""LM-BFF demonstrations: similarity top-50% filter, one per class, seeded; averaged over sets at inference."""
+"""LM-BFF demonstrations: top-50% similarity filter, one per class, seeded; averaged over sets."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_candidates_are_the_most_similar_half_of_each_class() -> None:
     draws = {tuple(d["text"] for d, _ in sampler.sample(query, draw=k)) for k in range(30)}
     assert len(draws) > 1
     for k in range(30):
-        for slots, word in sampler.sample(query, draw=k):
+        for slots, _ in sampler.sample(query, draw=k):
             assert slots["text"] in {POOL[i]["slots"]["text"] for c in sampler.candidates(query) for i in c}
 
 
