@@ -26,15 +26,14 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-from transformers import get_linear_schedule_with_warmup
 
 from lightning_peft.prompting.demonstrations import DemonstrationSampler, SentenceEmbedder
 from lightning_peft.prompting.ensemble import distillation_loss
 from lightning_peft.prompting.mlm import mask_tokens
 from lightning_peft.prompting.models import lm_from_config, load_lm, load_lm_tokenizer
+from lightning_peft.prompting.optim import adamw_with_schedule
 from lightning_peft.prompting.scoring import PromptScorer
 from lightning_peft.prompting.soft import SoftTokens
 from lightning_peft.prompting.template import Template
@@ -310,18 +309,7 @@ class PromptClassifier(L.LightningModule):
         self.log(f"{split}/acc", acc, prog_bar=split == "val", batch_size=size)
         self.log(f"{split}/f1", f1, batch_size=size)
 
-    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+    def configure_optimizers(self) -> Any:
         """AdamW over the parameters trainable now + linear warmup / decay per step."""
-        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
-        if not decay and not no_decay:
-            raise RuntimeError("PromptClassifier has no parameter with requires_grad=True to optimise")
-        groups = [
-            {"params": ps, "weight_decay": wd}
-            for ps, wd in ((decay, self.hparams.weight_decay), (no_decay, 0.0))
-            if ps
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        hp = self.hparams
+        return adamw_with_schedule(self, hp.learning_rate, hp.weight_decay, hp.warmup_ratio)
