@@ -23,7 +23,9 @@ from lightning_peft.api import (
     unload,
     unmerge,
 )
+from lightning_peft.checkpoint import load_checkpoint
 from lightning_peft.config import TunerConfig, available_tuners, config_from_dict, register_tuner
+from lightning_peft.stack import TunerStack
 from lightning_peft.tuners.adapterdrop import AdapterDropConfig, set_adapter_drop
 from lightning_peft.tuners.bitfit import BitFitConfig
 from lightning_peft.tuners.bottleneck import BottleneckConfig
@@ -58,6 +60,7 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "TunerConfig",
+    "TunerStack",
     "UnifiedConfig",
     "add_kadapter",
     "available_tuners",
@@ -69,6 +72,7 @@ __all__ = [
     "inject",
     "kadapter_features",
     "kadapter_output",
+    "load_checkpoint",
     "load_trainable_state_dict",
     "mark_trainable",
     "merge",

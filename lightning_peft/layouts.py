@@ -124,7 +124,9 @@ class ModelLayout:
     Attributes:
         family: the ``config.model_type`` this layout was written for.
         stacks: the block stacks, in forward order (encoder before decoder).
-        embeddings: the token embedding module, relative to the backbone.
+        embeddings: the module that embeds the input ids, relative to the backbone: an ``nn.Embedding``
+            (GPT-2's ``wte``, Llama's ``embed_tokens``) or the family's embeddings block (BERT's
+            ``embeddings``: word + position + type embeddings, LayerNorm, dropout).
         lora_targets: LoRA's default ``target_modules`` (suffixes).
     """
 

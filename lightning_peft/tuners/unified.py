@@ -51,7 +51,13 @@ from lightning_peft.config import TunerConfig, check_choice, check_positive, reg
 from lightning_peft.layers import ZeroInitLinear, mark, remove_handles, replace_module
 from lightning_peft.layouts import block_part_names, find_stacks, resolve_path
 from lightning_peft.targeting import find_modules
-from lightning_peft.tuners.bottleneck import ACTIVATIONS, AdapterAfter, BottleneckAdapter, _output_width
+from lightning_peft.tuners.bottleneck import (
+    ACTIVATIONS,
+    AdapterAfter,
+    BottleneckAdapter,
+    _output_width,
+    bottleneck_width,
+)
 from lightning_peft.tuners.lora import LoRAConfig
 from lightning_peft.tuners.prefix import inject_prefix
 
@@ -355,7 +361,7 @@ def _bottleneck(model: nn.Module, point: DesignPoint, layers: list[int] | None) 
             _multi_head(model, point, name, sources[_block_of(name, sources)])
             continue
         d = _output_width(base, name)
-        m = point.bottleneck_size or max(1, int(d // point.reduction_factor))
+        m = point.bottleneck_size or bottleneck_width(d, point.reduction_factor, "DesignPoint", name)
         scale = point.scale if point.composition == "scaled_add" else 1.0
         ref = next(base.parameters())
         if point.insertion == "sequential" and point.composition != "gated_add":
@@ -433,6 +439,10 @@ class UnifiedConfig(TunerConfig):
                 f"UnifiedConfig: preset={self.preset!r} and points=[...] conflict; give one (a preset is a "
                 "fixed list of points: PRESETS[name])"
             )
+        if self.preset is None and self.points is None:
+            raise ValueError(
+                f"UnifiedConfig needs preset=... (one of {', '.join(map(repr, PRESETS))}) or points=[...]"
+            )
         if self.preset is not None:
             check_choice("UnifiedConfig", "preset", self.preset, list(PRESETS))
         if self.points is not None and not self.points:
@@ -448,7 +458,7 @@ class UnifiedConfig(TunerConfig):
 
     def design_points(self) -> list[DesignPoint]:
         """The validated points of this config (a preset's, or ``points``)."""
-        raw = self.points if self.points is not None else PRESETS[self.preset or "parallel"]
+        raw = self.points if self.points is not None else PRESETS[self.preset]
         out = []
         for item in raw:
             names = {f.name for f in dataclasses.fields(DesignPoint)}
