@@ -113,3 +113,12 @@ def test_bad_pipeline_configs(tmp_path: Path) -> None:
     cfg = config(tmp_path, "x", data={"train_path": str(tiny), "shots_per_class": 2})
     with pytest.raises(ValueError, match="unlabeled set is empty"):
         run_pet(cfg)
+
+
+def test_cli_dispatches_the_pet_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_peft.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pet", "--help"])
+    assert exit_info.value.code == 0
+    assert "lightning-peft pet" in capsys.readouterr().out
