@@ -106,6 +106,7 @@ from lightning_peft.callbacks.strategies import (
     is_fully_sharded,
     is_model_parallel,
     load_model_parallel_checkpoint,
+    metadata_into_state_dict,
     prepare_checkpoint_for_save,
     prepare_strategy,
     saves_distributed_checkpoints,
@@ -255,6 +256,12 @@ class PEFT(Callback):
         self._after_checkpoint_writes(trainer, pl_module)
         if is_model_parallel(trainer.strategy):
             self._load_adapter_checkpoints(trainer)
+        elif not is_deepspeed(trainer.strategy):
+            self._patches.wrap(
+                trainer.strategy,
+                "load_checkpoint",
+                lambda load: lambda *a, **kw: metadata_into_state_dict(load(*a, **kw)),
+            )
 
     def _load_adapter_checkpoints(self, trainer: L.Trainer) -> None:
         """ModelParallelStrategy restores into every key of the model: adapter-only checkpoints take

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.api import mark_trainable
+from lightning_peft.checkpoint import read_checkpoint, split_metadata
 from lightning_peft.config import TunerConfig, config_from_dict
 from lightning_peft.layers import META_KEY, Adapter, mark, replace_module, unmark
 
@@ -288,9 +289,8 @@ def read_adapter(path: str | Path) -> tuple[TunerConfig, dict[str, Tensor]]:
         return config_from_dict(meta["config"]), load_file(str(path / WEIGHTS_FILE))
     if not path.is_file():
         raise FileNotFoundError(f"no saved adapter at {str(path)!r} (a save_adapter folder or a .ckpt file)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = ckpt.get("state_dict", ckpt)
-    meta = state.get(LIGHTNING_META_KEY) if isinstance(state, Mapping) else None
+    ckpt = read_checkpoint(path)
+    state, meta = split_metadata(ckpt)
     if not meta or not meta.get("config"):
         raise ValueError(
             f"{str(path)!r} is not an adapter-only checkpoint of the PEFT callback "
