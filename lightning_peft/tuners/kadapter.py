@@ -49,11 +49,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
-from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.api import mark_trainable
 from lightning_peft.config import TunerConfig, check_positive, config_from_dict, register_tuner
-from lightning_peft.layers import TRAINABLE_ATTR, NormalInitLinear, mark, mark_state, remove_handles, unmark
+from lightning_peft.layers import TRAINABLE_ATTR, NormalInitLinear, OwnsHooks, like, mark, mark_state, unmark
 from lightning_peft.layouts import find_hf_model, find_stacks
 from lightning_peft.targeting import find_modules
 
@@ -149,7 +148,7 @@ class KnowledgeAdapter(nn.Module):
         return prev
 
 
-class KAdapterSet(nn.Module):
+class KAdapterSet(OwnsHooks, nn.Module):
     """The knowledge adapters of one model, and the hooks that feed them.
 
     Lives as child ``kadapters`` of the Hugging Face model. Forward hooks on the chosen blocks capture
@@ -171,13 +170,10 @@ class KAdapterSet(nn.Module):
         self.base_output: Tensor | None = None
         # Bound methods and partials of them (not closures): a deep copy of the model rebinds them to
         # the copied set, where a closure would keep feeding the original one.
-        self._handles: list[RemovableHandle] = [
-            model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-        ]
+        self.keep(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         for i, name in enumerate(blocks):
-            hook = functools.partial(self._block_hook, i)
-            self._handles.append(model.get_submodule(name).register_forward_hook(hook))
-        self._handles.append(model.register_forward_hook(self._post_hook))
+            self.keep(model.get_submodule(name).register_forward_hook(functools.partial(self._block_hook, i)))
+        self.keep(model.register_forward_hook(self._post_hook))
         mark_state(self)  # frozen knowledge adapters are trained state too: checkpoints keep them
 
     def forward(self, hidden: dict[int, Tensor], padding_mask: Tensor | None = None) -> dict[str, Tensor]:
@@ -221,7 +217,7 @@ class KAdapterSet(nn.Module):
 
     def remove_hooks(self) -> None:
         """Take every hook of this set off the model (:class:`~lightning_peft.layers.HookOwner`)."""
-        remove_handles(self._handles)
+        super().remove_hooks()
         self._hidden, self.features, self.base_output = {}, {}, None
 
 
@@ -301,9 +297,7 @@ def add_kadapter(root: nn.Module, config: KAdapterConfig) -> list[str]:
         ffn=config.ffn_size or 4 * hidden,
         dropout=config.dropout,
     )
-    ref = next(model.parameters(), None)
-    if ref is not None:
-        adapter.to(device=ref.device, dtype=ref.dtype)
+    like(adapter, model)
     adapter.train(model.training)  # an eval model gets an eval adapter (no dropout)
     kset.adapters[config.name] = adapter
     kset.configs[config.name] = config

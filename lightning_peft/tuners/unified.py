@@ -45,10 +45,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
-from lightning_peft.layers import ZeroInitLinear, mark, remove_handles, replace_module
+from lightning_peft.layers import OwnsHooks, ZeroInitLinear, like, mark, replace_module
 from lightning_peft.layouts import block_part_names, find_stacks, resolve_path
 from lightning_peft.targeting import find_modules
 from lightning_peft.tuners.bottleneck import (
@@ -235,7 +234,7 @@ class _Residual(nn.Module):
         return h + self.branch(h)
 
 
-class ParallelAdapter(nn.Module):
+class ParallelAdapter(OwnsHooks, nn.Module):
     """Wraps a sub-layer's output projection ``base_layer``: its result plus ``Δh(x)`` of the sub-layer's
     input ``x``, which :meth:`capture` (a forward pre-hook on the sub-layer's first projection) records."""
 
@@ -245,11 +244,10 @@ class ParallelAdapter(nn.Module):
         self.adapter = branch
         self.disabled = False
         self._x: Tensor | None = None
-        self._handles: list[RemovableHandle] = []  # the capture pre-hook on the sub-layer's input projection
 
     def remove_hooks(self) -> None:
         """Take the capture hook off the input projection (:class:`~lightning_peft.layers.HookOwner`)."""
-        remove_handles(self._handles)
+        super().remove_hooks()
         self._x = None
 
     @property
@@ -261,6 +259,10 @@ class ParallelAdapter(nn.Module):
         return self.base_layer.bias
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook on the sub-layer's first projection (the query projection, the FFN's input
+        projection): record its input ``x`` ``(B, T, d)``, the sub-layer input that the branch reads, for
+        the :meth:`forward` of this wrapper (the sub-layer's output projection), which runs later in the
+        same block and consumes it."""
         self._x = args[0] if args else next(iter(kwargs.values()))
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
@@ -363,23 +365,22 @@ def _bottleneck(model: nn.Module, point: DesignPoint, layers: list[int] | None) 
         d = _output_width(base, name)
         m = point.bottleneck_size or bottleneck_width(d, point.reduction_factor, "DesignPoint", name)
         scale = point.scale if point.composition == "scaled_add" else 1.0
-        ref = next(base.parameters())
         if point.insertion == "sequential" and point.composition != "gated_add":
             # Exactly BottleneckConfig's module: the adapter/houlsby/pfeiffer presets are that method.
             adapter: nn.Module = BottleneckAdapter(d, m, activation=point.activation, scaling=scale)
-            replace_module(model, name, AdapterAfter(base, adapter.to(ref.device, ref.dtype)))
+            replace_module(model, name, AdapterAfter(base, like(adapter, base)))
             continue
         branch = GatedBranch(
             d, m, activation=point.activation, scale=scale, gated=point.composition == "gated_add"
         )
-        branch.to(ref.device, ref.dtype)
+        like(branch, base)
         if point.insertion == "sequential":
             replace_module(model, name, AdapterAfter(base, _Residual(branch)))
             continue
         wrapper = ParallelAdapter(base, branch)
         replace_module(model, name, wrapper)
         source = model.get_submodule(sources[_block_of(name, sources)])
-        wrapper._handles.append(source.register_forward_pre_hook(wrapper.capture, with_kwargs=True))
+        wrapper.keep(source.register_forward_pre_hook(wrapper.capture, with_kwargs=True))
     return sinks
 
 
@@ -399,11 +400,10 @@ def _multi_head(model: nn.Module, point: DesignPoint, name: str, source: str) ->
         scale=scale,
         gated=point.composition == "gated_add",
     )
-    ref = next(base.parameters())
-    wrapper = MultiHeadParallelAdapter(base, branch.to(ref.device, ref.dtype))
+    wrapper = MultiHeadParallelAdapter(base, like(branch, base))
     replace_module(model, name, wrapper)
     hook = model.get_submodule(source).register_forward_pre_hook(wrapper.capture, with_kwargs=True)
-    wrapper._handles.append(hook)
+    wrapper.keep(hook)
 
 
 @register_tuner("unified")
