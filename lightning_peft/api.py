@@ -40,10 +40,10 @@ __all__ = [
     "ParamSummary",
     "as_config",
     "disable_adapters",
+    "freeze_base",
     "get_config",
     "inject",
     "load_trainable_state_dict",
-    "mark_trainable",
     "merge",
     "param_summary",
     "trainable_state_dict",
@@ -105,7 +105,7 @@ def inject(model: nn.Module, config: TunerConfig | Sequence[TunerConfig]) -> lis
         raise
     _follow_mode(model, modes)
     setattr(model, CONFIG_ATTR, config)
-    mark_trainable(model)
+    freeze_base(model)
     return changed
 
 
@@ -141,12 +141,17 @@ def as_config(config: TunerConfig | Sequence[TunerConfig]) -> TunerConfig:
     )
 
 
-def mark_trainable(model: nn.Module) -> None:
-    """Freeze every parameter of ``model`` except those a tuner marked trainable."""
+def freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter of ``model`` except those a tuner marked trainable (``inject`` calls it;
+    call it again after changing what is marked, as ``train_adapter`` does)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for _, p in iter_trainable_parameters(model):
         p.requires_grad_(True)
+
+
+#: The former name of :func:`freeze_base`, kept for existing code.
+mark_trainable = freeze_base
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.api import mark_trainable
+from lightning_peft.api import freeze_base
 from lightning_peft.checkpoint import read_checkpoint, split_metadata
 from lightning_peft.config import TunerConfig, config_from_dict
 from lightning_peft.layers import META_KEY, Adapter, mark, replace_module, unmark
@@ -202,7 +202,7 @@ def train_adapter(model: nn.Module, name: str) -> None:
                 mark(adapter)
             else:
                 unmark(adapter, state=False)
-    mark_trainable(model)
+    freeze_base(model)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from lightning_peft.api import mark_trainable
+from lightning_peft.api import freeze_base
 from lightning_peft.config import TunerConfig, check_positive, config_from_dict, register_tuner
 from lightning_peft.layers import TRAINABLE_ATTR, NormalInitLinear, OwnsHooks, like, mark, mark_state, unmark
 from lightning_peft.layouts import find_hf_model, find_stacks
@@ -302,7 +302,7 @@ def add_kadapter(root: nn.Module, config: KAdapterConfig) -> list[str]:
     kset.adapters[config.name] = adapter
     kset.configs[config.name] = config
     train_kadapter(root, config.name)
-    mark_trainable(root)
+    freeze_base(root)
     return [f"{prefix}.{blocks[i]}" if prefix else blocks[i] for i in reads]
 
 
@@ -319,7 +319,7 @@ def train_kadapter(root: nn.Module, name: str | None) -> None:
             mark(adapter)
         else:
             unmark(adapter, state=False)
-    mark_trainable(root)
+    freeze_base(root)
 
 
 def kadapter_record(root: nn.Module) -> dict[str, Any] | None:

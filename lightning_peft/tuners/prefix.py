@@ -68,7 +68,7 @@ PREFIX_KEY = "lightning_peft_prefix"
 _LAYER_ATTR = "_lp_prefix"
 
 #: Attention sites of an encoder-decoder model (Li & Liang's three prefixes).
-SITES = ("encoder_self", "decoder_self", "cross")
+PREFIX_SITES = ("encoder_self", "decoder_self", "cross")
 
 
 @dataclass(frozen=True)
@@ -298,7 +298,7 @@ def _attention_sites(
             f"{owner}.sites applies to encoder-decoder models; {type(root).__name__} has one stack: "
             "leave sites=None (every self-attention layer gets a prefix)"
         )
-    chosen = SITES if sites is None else sites
+    chosen = PREFIX_SITES if sites is None else sites
     found = []
     for stack in stacks:
         layout = stack.layout.block
@@ -429,12 +429,12 @@ class PrefixTuningConfig(TunerConfig):
         if self.sites is not None:
             if isinstance(self.sites, str) or not self.sites:
                 raise ValueError(
-                    f"PrefixTuningConfig.sites must be a non-empty list drawn from {list(SITES)}, "
+                    f"PrefixTuningConfig.sites must be a non-empty list drawn from {list(PREFIX_SITES)}, "
                     f"got {self.sites!r}"
                 )
             self.sites = list(self.sites)
             for site in self.sites:
-                check_choice("PrefixTuningConfig", "sites", site, SITES)
+                check_choice("PrefixTuningConfig", "sites", site, PREFIX_SITES)
             if len(set(self.sites)) != len(self.sites):
                 raise ValueError(f"PrefixTuningConfig.sites lists a site twice: {self.sites}")
 

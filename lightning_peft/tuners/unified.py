@@ -71,7 +71,7 @@ __all__ = [
 ]
 
 FORMS = ("bottleneck", "lowrank", "prefix")
-SITES = ("attention", "attention_heads", "ffn")
+REPRESENTATIONS = ("attention", "attention_heads", "ffn")
 INSERTIONS = ("sequential", "parallel")
 COMPOSITIONS = ("add", "scaled_add", "gated_add")
 
@@ -125,7 +125,7 @@ class DesignPoint:
     prefix_projection_size: int | None = None
 
     def __post_init__(self) -> None:
-        for name, allowed in (("form", FORMS), ("at", SITES), ("insertion", INSERTIONS)):
+        for name, allowed in (("form", FORMS), ("at", REPRESENTATIONS), ("insertion", INSERTIONS)):
             check_choice("DesignPoint", name, getattr(self, name), list(allowed))
         check_choice("DesignPoint", "composition", self.composition, list(COMPOSITIONS))
         check_choice("DesignPoint", "activation", self.activation, list(ACTIVATIONS))
