@@ -13,6 +13,7 @@ from lightning_peft import tuners as _tuners  # registers every method
 from lightning_peft.api import (
     ParamSummary,
     disable_adapters,
+    freeze_base,
     get_config,
     inject,
     load_trainable_state_dict,
@@ -67,6 +68,7 @@ __all__ = [
     "config_from_dict",
     "disable_adapters",
     "fold_prefix",
+    "freeze_base",
     "fusion_weights",
     "get_config",
     "inject",

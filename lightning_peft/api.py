@@ -40,10 +40,10 @@ __all__ = [
     "ParamSummary",
     "as_config",
     "disable_adapters",
+    "freeze_base",
     "get_config",
     "inject",
     "load_trainable_state_dict",
-    "mark_trainable",
     "merge",
     "param_summary",
     "trainable_state_dict",
@@ -105,7 +105,7 @@ def inject(model: nn.Module, config: TunerConfig | Sequence[TunerConfig]) -> lis
         raise
     _follow_mode(model, modes)
     setattr(model, CONFIG_ATTR, config)
-    mark_trainable(model)
+    freeze_base(model)
     return changed
 
 
@@ -141,12 +141,17 @@ def as_config(config: TunerConfig | Sequence[TunerConfig]) -> TunerConfig:
     )
 
 
-def mark_trainable(model: nn.Module) -> None:
-    """Freeze every parameter of ``model`` except those a tuner marked trainable."""
+def freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter of ``model`` except those a tuner marked trainable (``inject`` calls it;
+    call it again after changing what is marked, as ``train_adapter`` does)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for _, p in iter_trainable_parameters(model):
         p.requires_grad_(True)
+
+
+#: The former name of :func:`freeze_base`, kept for existing code.
+mark_trainable = freeze_base
 
 
 @dataclass(frozen=True)
@@ -188,6 +193,11 @@ def load_trainable_state_dict(
 ) -> None:
     """Load tensors saved by :func:`trainable_state_dict` into ``model`` (which must have the same tuner).
 
+    ``state_dict`` may also be a whole checkpoint of the ``PEFT`` callback (``torch.load(path)``): its
+    stored base-model fingerprint is checked against ``model`` first. A plain name -> tensor mapping carries
+    no fingerprint, so nothing tells a same-shaped base with other weights apart there; use
+    :func:`lightning_peft.load_checkpoint` with the checkpoint file for that check.
+
     Args:
         strict: refuse missing and unexpected keys (recommended; the message lists them).
 
@@ -203,14 +213,13 @@ def load_trainable_state_dict(
         raise TypeError(
             f"load_trainable_state_dict takes a mapping of tensors, got {type(state_dict).__name__}"
         )
-    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
-        raise ValueError(
-            "this is a whole Lightning checkpoint, not a state dict: pass checkpoint['state_dict'], or load "
-            "the file with lightning_peft.load_checkpoint(model, path)"
-        )
-    if META_KEY in state_dict:  # our own save format: check the base model it was trained on first
-        check_base(model, state_dict[META_KEY], where="this state dict")
-        state_dict = {k: v for k, v in state_dict.items() if k != META_KEY}
+    meta = state_dict.get(META_KEY)
+    if isinstance(state_dict.get("state_dict"), Mapping):  # a whole checkpoint of the PEFT callback
+        meta = meta or state_dict["state_dict"].get(META_KEY)
+        state_dict = state_dict["state_dict"]
+    if meta is not None:  # our own save format: check the base model it was trained on first
+        check_base(model, meta, where="these adapter weights")
+    state_dict = {k: v for k, v in state_dict.items() if k != META_KEY}
     params = dict(iter_trainable_parameters(model))
     if not params:
         raise ValueError(

@@ -27,6 +27,7 @@ from lightning_peft.layers import (
     BaseLayerWrapper,
     NormalInitLinear,
     ZeroInitLinear,
+    like,
     mark,
     replace_module,
 )
@@ -133,10 +134,7 @@ class BottleneckConfig(TunerConfig):
             adapter = BottleneckAdapter(
                 d, m, activation=self.activation, scaling=self.scaling, init=self.init
             )
-            ref = next(base.parameters(), None)
-            if ref is not None:
-                adapter.to(device=ref.device, dtype=ref.dtype)
-            adapters[name] = adapter
+            adapters[name] = like(adapter, base)
         return adapters
 
     def apply(self, model: nn.Module) -> list[str]:
