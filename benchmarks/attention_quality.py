@@ -99,7 +99,7 @@ def run_one(base: torch.nn.Module, name: str, opts: dict, data: tuple, args: arg
     start = time.perf_counter()
     try:
         model = copy.deepcopy(base)
-        if get_attention(name).capabilities.max_length if name != "shipped" else False:
+        if name != "shipped" and get_attention(name).capabilities.max_length:
             # Variants with per-position parameters are sized by max_position_embeddings (8192 here: 600 M
             # synthesizer logits per layer); size them for the sequences measured instead.
             model.config.max_position_embeddings = args.length
