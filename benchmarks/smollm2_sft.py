@@ -9,7 +9,7 @@ machine to ``benchmarks/results/smollm2_lora_sft.json``.
     python benchmarks/smollm2_sft.py --collect outputs/smollm2_lora_sft/checkpoints/summary.json \
         --wall-seconds 1234   # record a run already made with the CLI
 
-The recipe is fixed before running (100 steps, batch 4, LoRA r=16 on q_proj/v_proj, lr 2e-3); one run,
+The recipe is fixed before running (60 steps, batch 4, LoRA r=16 on q_proj/v_proj, lr 2e-3); one run,
 reported as it came out.
 """
 
