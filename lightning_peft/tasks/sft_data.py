@@ -10,6 +10,7 @@ and the batches shuffled again, so padding stays small while the order stays ran
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -26,9 +27,13 @@ from lightning_peft.tasks.chat_format import (
 from lightning_peft.tasks.chat_tokenizer import byte_chat_tokenizer
 from lightning_peft.tasks.pretrained import load_tokenizer
 from lightning_peft.tasks.resumable import EpochSeededSampler, ResumableDataLoader
-from lightning_peft.tasks.stdlib_docs import TRAIN_FILE, VAL_FILE
 
 __all__ = ["LengthGroupedSampler", "SFTCollator", "SFTData"]
+
+# The bundled task, written by `lightning_peft.tasks.stdlib_docs` (not imported here so that
+# ``python -m lightning_peft.tasks.stdlib_docs`` runs cleanly).
+TRAIN_FILE = Path(__file__).resolve().parent / "data" / "stdlib_docs_train.jsonl"
+VAL_FILE = Path(__file__).resolve().parent / "data" / "stdlib_docs_val.jsonl"
 
 
 class LengthGroupedSampler(EpochSeededSampler):
