@@ -7,7 +7,7 @@ machine to ``benchmarks/results/smollm2_lora_sft.json``.
 
     python benchmarks/smollm2_sft.py
     python benchmarks/smollm2_sft.py --collect outputs/smollm2_lora_sft/checkpoints/summary.json \
-        --wall-seconds 1234   # record a run already made with the CLI
+        --wall-seconds 759 --cpu-seconds 160   # record a run already made with the CLI (/usr/bin/time)
 
 The recipe is fixed before running (60 steps, batch 4, LoRA r=16 on q_proj/v_proj, lr 2e-3); one run,
 reported as it came out.
@@ -37,21 +37,24 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--collect", type=Path, help="summary.json of a finished CLI run (skip training)")
     parser.add_argument("--wall-seconds", type=float, help="wall time of the collected run")
+    parser.add_argument("--cpu-seconds", type=float, help="user + system CPU time of the collected run")
     parser.add_argument("--out", help="output JSON (default benchmarks/results/smollm2_lora_sft.json)")
     args = parser.parse_args(argv)
-    wall = args.wall_seconds
+    wall, cpu = args.wall_seconds, args.cpu_seconds
     summary_path = args.collect
     if summary_path is None:
         from lightning_peft.cli import main as cli_main
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         cli_main(["fit", "--config", str(CONFIG)])
         wall, summary_path = time.perf_counter() - start, SUMMARY
+        cpu = time.process_time() - cpu_start
     summary = json.loads(Path(summary_path).read_text())
     payload = {
         "command": "lightning-peft fit --config configs/smollm2_lora_sft.yaml",
         "config": CONFIG.read_text(),
         "wall_seconds": wall,
+        "cpu_seconds": cpu,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "summary": summary,
         "machine": machine_info(),
