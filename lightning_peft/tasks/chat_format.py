@@ -13,11 +13,18 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["IGNORE_INDEX", "EncodedChat", "encode_chat", "read_chat_jsonl", "render"]
+__all__ = [
+    "IGNORE_INDEX",
+    "EncodedChat",
+    "assistant_spans",
+    "check_chat_tokenizer",
+    "encode_chat",
+    "read_chat_jsonl",
+    "render",
+]
 
 #: Label of a token that carries no loss (``torch.nn.functional.cross_entropy``'s ``ignore_index``).
 IGNORE_INDEX = -100
@@ -172,9 +179,3 @@ def check_chat_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
         )
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("chat SFT needs a fast tokenizer (character offsets locate the assistant tokens)")
-
-
-def describe(example: EncodedChat, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """The text of the labelled tokens (debugging aid: what the loss is taken on)."""
-    kept = [t for t in example.labels if t != IGNORE_INDEX]
-    return {"tokens": len(example.input_ids), "labelled": len(kept), "labelled_text": tokenizer.decode(kept)}
