@@ -15,34 +15,35 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from lightning_peft.config import TunerConfig
+from lightning_peft.fingerprint import check_base
 from lightning_peft.layers import (
-    STATE_ATTR,
-    TRAINABLE_ATTR,
+    META_KEY,
     Adapter,
     HookOwner,
     Mergeable,
     Restorable,
     iter_trainable_parameters,
     mark,
+    unmark,
 )
 from lightning_peft.targeting import find_modules
-from lightning_peft.tuners.bitfit import ORIGINAL_BIAS, UNRECORDED_BIAS, check_original_biases
 
 __all__ = [
     "CONFIG_ATTR",
     "ParamSummary",
+    "as_config",
     "disable_adapters",
+    "freeze_base",
     "get_config",
     "inject",
     "load_trainable_state_dict",
-    "mark_trainable",
     "merge",
     "param_summary",
     "trainable_state_dict",
@@ -63,41 +64,94 @@ def get_config(model: nn.Module) -> TunerConfig | None:
     return None
 
 
-def inject(model: nn.Module, config: TunerConfig) -> list[str]:
+def inject(model: nn.Module, config: TunerConfig | Sequence[TunerConfig]) -> list[str]:
     """Inject ``config``'s tuner into ``model`` in place, then freeze everything but the tuner.
 
     Targets are wrapped where they are (the original module stays reachable as ``base_layer``), modules
     in ``config.modules_to_save`` become fully trainable, and every other parameter is frozen.
 
+    Args:
+        config: one tuner config, or a list of them: several tuners on one model (a
+            :class:`~lightning_peft.stack.TunerStack`), e.g. ``[LoRAConfig(...), BitFitConfig()]``. Two
+            members that want to wrap the same module are refused, naming it; nothing stays injected then.
+
     Returns:
-        The names of the modules the tuner changed.
+        The names of the modules the tuner(s) changed.
 
     Raises:
-        ValueError: ``model`` already has a tuner, or the config matches nothing (closest names listed).
+        ValueError: ``model`` already has a tuner, the config matches nothing (closest names listed), or
+            two stacked tuners collide.
     """
-    if not isinstance(config, TunerConfig):
-        raise TypeError(f"inject() takes a TunerConfig (e.g. LoRAConfig(...)), got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inject() takes an nn.Module as its first argument, got {type(model).__name__}")
+    config = as_config(config)
     existing = get_config(model)
     if existing is not None:
         raise ValueError(
             f"this model already has a {existing.method!r} tuner injected; a second inject() would wrap "
-            "the adapters themselves. Call lightning_peft.unload(model) first to remove it."
+            "the adapters themselves. Inject several tuners at once with inject(model, [config_a, "
+            "config_b]), or call lightning_peft.unload(model) first to remove it."
         )
-    changed = config.apply(model)
-    if config.modules_to_save:
-        for name in find_modules(model, config.modules_to_save, what="modules_to_save"):
-            mark(model.get_submodule(name))
+    modes = {id(m): m.training for m in model.modules()}
+    try:
+        changed = config.apply(model)
+        for member in config.members():
+            if member.modules_to_save:
+                for name in find_modules(model, member.modules_to_save, what="modules_to_save"):
+                    mark(model.get_submodule(name))
+    except Exception:
+        if len(config.members()) > 1:  # take out what the members before the failing one injected
+            unload(model, merge_weights=False)
+        raise
+    _follow_mode(model, modes)
     setattr(model, CONFIG_ATTR, config)
-    mark_trainable(model)
+    freeze_base(model)
     return changed
 
 
-def mark_trainable(model: nn.Module) -> None:
-    """Freeze every parameter of ``model`` except those a tuner marked trainable."""
+def _follow_mode(model: nn.Module, modes: dict[int, bool]) -> None:
+    """New tuner modules take the train/eval mode of the module they joined (``modes``: the mode of every
+    module before injection): a dropout added to a model in eval mode (every ``from_pretrained`` model)
+    must not draw random masks until ``model.train()``."""
+
+    def visit(module: nn.Module, training: bool) -> None:
+        for child in module.children():
+            if id(child) in modes:
+                visit(child, modes[id(child)])
+            else:
+                child.training = training
+                visit(child, training)
+
+    visit(model, model.training)
+
+
+def as_config(config: TunerConfig | Sequence[TunerConfig]) -> TunerConfig:
+    """One config for ``inject``: a config as is, a list as a :class:`~lightning_peft.stack.TunerStack`
+    (a one-element list as its element)."""
+    from lightning_peft.stack import TunerStack
+
+    if isinstance(config, TunerConfig):
+        return config
+    if isinstance(config, (list, tuple)):
+        if len(config) == 1 and isinstance(config[0], TunerConfig):
+            return config[0]
+        return TunerStack(configs=list(config))
+    raise TypeError(
+        f"inject() takes a TunerConfig (e.g. LoRAConfig(...)) or a list of them, got {type(config).__name__}"
+    )
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter of ``model`` except those a tuner marked trainable (``inject`` calls it;
+    call it again after changing what is marked, as ``train_adapter`` does)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for _, p in iter_trainable_parameters(model):
         p.requires_grad_(True)
+
+
+#: The former name of :func:`freeze_base`, kept for existing code.
+mark_trainable = freeze_base
 
 
 @dataclass(frozen=True)
@@ -139,12 +193,33 @@ def load_trainable_state_dict(
 ) -> None:
     """Load tensors saved by :func:`trainable_state_dict` into ``model`` (which must have the same tuner).
 
+    ``state_dict`` may also be a whole checkpoint of the ``PEFT`` callback (``torch.load(path)``): its
+    stored base-model fingerprint is checked against ``model`` first. A plain name -> tensor mapping carries
+    no fingerprint, so nothing tells a same-shaped base with other weights apart there; use
+    :func:`lightning_peft.load_checkpoint` with the checkpoint file for that check.
+
     Args:
         strict: refuse missing and unexpected keys (recommended; the message lists them).
 
     Raises:
         ValueError: no tuner in ``model``, key mismatch (with ``strict``) or a shape mismatch.
     """
+    if isinstance(state_dict, (str, bytes)) or hasattr(state_dict, "__fspath__"):
+        raise TypeError(
+            f"load_trainable_state_dict takes a state dict (name -> tensor), got the path {state_dict!r}; "
+            "for a checkpoint file use lightning_peft.load_checkpoint(model, path)"
+        )
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"load_trainable_state_dict takes a mapping of tensors, got {type(state_dict).__name__}"
+        )
+    meta = state_dict.get(META_KEY)
+    if isinstance(state_dict.get("state_dict"), Mapping):  # a whole checkpoint of the PEFT callback
+        meta = meta or state_dict["state_dict"].get(META_KEY)
+        state_dict = state_dict["state_dict"]
+    if meta is not None:  # our own save format: check the base model it was trained on first
+        check_base(model, meta, where="these adapter weights")
+    state_dict = {k: v for k, v in state_dict.items() if k != META_KEY}
     params = dict(iter_trainable_parameters(model))
     if not params:
         raise ValueError(
@@ -154,7 +229,8 @@ def load_trainable_state_dict(
     missing = sorted(set(params) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(params))
     if strict and (missing or unexpected):
-        raise ValueError(_key_report("adapter weights do not match the model's tuner", missing, unexpected))
+        report = _key_report("adapter weights do not match the model's tuner", missing, unexpected)
+        raise ValueError(report + _prefix_hint(missing, unexpected))
     with torch.no_grad():
         for name, value in state_dict.items():
             if name not in params:
@@ -166,6 +242,22 @@ def load_trainable_state_dict(
                     "(different r, bottleneck size or base model?)"
                 )
             target.copy_(value)
+
+
+def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
+    """Say so when the two key sets differ by a leading path (``backbone.``): the weights were saved from
+    the LightningModule and are loaded into its backbone, or the other way round."""
+    if not missing or not unexpected:
+        return ""
+    for a, b, into in ((unexpected, missing, "this model"), (missing, unexpected, "the saved weights")):
+        head = a[0][: len(a[0]) - len(b[0])] if a[0].endswith(b[0]) else ""
+        if head and all(k.startswith(head) for k in a) and {k[len(head) :] for k in a} == set(b):
+            return (
+                f"\nThe saved keys and this model's differ by the prefix {head!r} only ({into} lacks it): "
+                "load into the module the weights were saved from (the LightningModule vs its backbone), "
+                "or strip/add the prefix."
+            )
+    return ""
 
 
 def _key_report(title: str, missing: list[str], unexpected: list[str], limit: int = 8) -> str:
@@ -209,28 +301,21 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 
     ``modules_to_save`` modules are trained in place and stay as trained.
     """
-    check_original_biases(model)
+    config = get_config(model)
     adapters = [m for m in model.modules() if isinstance(m, Adapter) and not m.disabled]
     remerge = [m for m in adapters if isinstance(m, Mergeable) and m.merged]
-    biased = [m for m in model.modules() if hasattr(m, ORIGINAL_BIAS)]
-    saved_bias = [m.bias.detach().clone() for m in biased]
-    try:
-        for m in remerge:
-            m.unmerge()
-        for m in adapters:
-            m.disabled = True
-        with torch.no_grad():
-            for m in biased:
-                m.bias.copy_(getattr(m, ORIGINAL_BIAS))
-        yield
-    finally:
-        for m in adapters:
-            m.disabled = False
-        for m in remerge:
-            m.merge()
-        with torch.no_grad():
-            for m, b in zip(biased, saved_bias, strict=True):
-                m.bias.copy_(b)
+    with config.disabled(model) if config is not None else contextlib.nullcontext():
+        try:
+            for m in remerge:
+                m.unmerge()
+            for m in adapters:
+                m.disabled = True
+            yield
+        finally:
+            for m in adapters:
+                m.disabled = False
+            for m in remerge:
+                m.merge()
 
 
 def unload(model: nn.Module, *, merge_weights: bool = True) -> nn.Module:
@@ -242,7 +327,8 @@ def unload(model: nn.Module, *, merge_weights: bool = True) -> nn.Module:
       P-tuning, K-Adapter, AdapterDrop's controller, prefix tuning) get ``remove_hooks()``, then
       ``restore()`` where they have one (e.g. the attention implementation they switched), and are
       deleted from their parent; wrappers that own hooks get ``remove_hooks()`` too.
-    * Markers, the stored config and BitFit's saved original biases go (BitFit's trained biases stay).
+    * Markers and the stored config go, and every tuner's :meth:`~lightning_peft.config.TunerConfig.remove`
+      runs (BitFit forgets its saved original biases; its trained biases stay).
 
     Afterwards the model has the base's modules, parameters, buffers and hooks, and computes what the base
     computes (with LoRA merged: the tuned function).
@@ -275,12 +361,12 @@ def unload(model: nn.Module, *, merge_weights: bool = True) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module.base_layer)
+    config = get_config(model)
+    if config is not None:
+        config.remove(model)
     for module in model.modules():
-        for attr in (TRAINABLE_ATTR, CONFIG_ATTR, STATE_ATTR, UNRECORDED_BIAS):
-            if attr in module.__dict__:
-                delattr(module, attr)
-        if ORIGINAL_BIAS in module._buffers:
-            del module._buffers[ORIGINAL_BIAS]
+        unmark(module)
+        module.__dict__.pop(CONFIG_ATTR, None)
     return model
 
 

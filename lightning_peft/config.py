@@ -7,6 +7,7 @@ a typo in a YAML recipe (``rank: 8`` for ``r: 8``) is an error, not a silently d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 from collections.abc import Callable, Iterable, Sequence
@@ -126,13 +127,39 @@ class TunerConfig:
             if any((not isinstance(i, int)) or i < 0 for i in self.layers):
                 raise ValueError(f"layers must be non-negative block indices, got {self.layers}")
             self.layers = sorted(set(self.layers))
+        if isinstance(self.modules_to_save, str):  # one name, not its characters
+            self.modules_to_save = [self.modules_to_save]
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
+            if not all(isinstance(n, str) and n for n in self.modules_to_save):
+                raise ValueError(f"modules_to_save must be module names, got {self.modules_to_save!r}")
 
     # -- what a method implements -------------------------------------------------------------------
     def apply(self, model: nn.Module) -> list[str]:
         """Inject this method into ``model`` in place; return the names of the modules it changed."""
         raise NotImplementedError(f"{type(self).__name__} does not implement apply()")
+
+    # -- optional protocol: what a tuner does beyond its modules (shared code calls these, never names a
+    # -- tuner). The defaults do nothing, which is right for every tuner that only adds modules.
+    def members(self) -> list[TunerConfig]:
+        """The configs this one injects: itself, or a :class:`~lightning_peft.stack.TunerStack`'s members."""
+        return [self]
+
+    def disabled(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """Extra work of :func:`lightning_peft.disable_adapters` for state the tuner changed in base modules
+        (BitFit puts the original biases back); adapter modules are switched off through ``disabled``."""
+        return contextlib.nullcontext()
+
+    def remove(self, model: nn.Module) -> None:
+        """Extra clean-up of :func:`lightning_peft.unload` (bookkeeping left on base modules)."""
+
+    def checkpoint_record(self, model: nn.Module) -> dict[str, Any] | None:
+        """JSON-safe facts an adapter-only checkpoint must carry to rebuild this tuner's modules beyond what
+        the config says (K-Adapter: knowledge adapters added after injection); ``None``: nothing."""
+        return None
+
+    def restore_record(self, model: nn.Module, record: dict[str, Any]) -> None:
+        """Rebuild modules from :meth:`checkpoint_record`'s output before a checkpoint's tensors load."""
 
     # -- serialisation --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -179,7 +206,10 @@ def check_choice(owner: str, name: str, value: Any, allowed: Sequence[Any]) -> N
 
 
 def check_positive(owner: str, name: str, value: float, *, allow_zero: bool = False) -> None:
-    """Raise a ValueError when a numeric field is not positive (or negative, with ``allow_zero``)."""
+    """Raise a ValueError when a numeric field is not positive (or negative, with ``allow_zero``), or is
+    not a number at all (``alpha="16"`` from a hand-written dict)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{owner}.{name} must be a number, got {value!r} ({type(value).__name__})")
     bad = value < 0 if allow_zero else value <= 0
     if bad or isinstance(value, bool):
         bound = ">= 0" if allow_zero else "> 0"

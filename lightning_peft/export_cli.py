@@ -32,11 +32,10 @@ from lightning_peft.config import TunerConfig, config_from_dict
 from lightning_peft.export import export_merged, export_peft
 from lightning_peft.export.hf_peft import save_extras
 from lightning_peft.fingerprint import base_fingerprint, compare_fingerprints
+from lightning_peft.layers import META_KEY
 from lightning_peft.targeting import matches
 
 __all__ = ["ExportError", "build_parser", "export_checkpoint", "main"]
-
-META_KEY = "__lightning_peft__"  # lightning_peft.callbacks.adapter_checkpoint.META_KEY (no Lightning import)
 
 
 class ExportError(RuntimeError):
@@ -156,8 +155,10 @@ def export_checkpoint(
     trust_checkpoint: bool = False,
 ) -> list[Path]:
     """What ``lightning-peft export`` does; returns the files written."""
-    state = dict(_load_checkpoint(checkpoint, trust_checkpoint).get("state_dict") or {})
-    meta = state.pop(META_KEY, None)
+    loaded = _load_checkpoint(checkpoint, trust_checkpoint)
+    state = dict(loaded.get("state_dict") or {})
+    meta = loaded.get(META_KEY, state.pop(META_KEY, None))  # top level; inside state_dict in older files
+    state.pop(META_KEY, None)
     if not meta or not meta.get("config"):
         raise ExportError(
             f"{checkpoint} is not an adapter-only checkpoint of the lightning_peft PEFT callback "

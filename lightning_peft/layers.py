@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 __all__ = [
+    "META_KEY",
     "STATE_ATTR",
     "TRAINABLE_ATTR",
     "Adapter",
@@ -47,17 +48,23 @@ __all__ = [
     "IdentityInitLinear",
     "Mergeable",
     "NormalInitLinear",
+    "OwnsHooks",
     "Restorable",
     "ZeroInitLinear",
     "iter_trainable_parameters",
+    "like",
     "mark",
     "mark_state",
     "remove_handles",
     "replace_module",
     "tuner_state_names",
+    "unmark",
 ]
 
 TRAINABLE_ATTR = "_lp_trainable"
+#: The key under which lightning-peft stores its metadata (tuner config, base fingerprint) in the files it
+#: writes: adapter-only checkpoints and named-adapter files.
+META_KEY = "__lightning_peft__"
 STATE_ATTR = "_lp_state"
 
 
@@ -104,6 +111,30 @@ class Restorable(Protocol):
     def restore(self) -> None: ...
 
 
+class OwnsHooks:
+    """Mixin for tuner modules that act through hooks on other modules (:class:`HookOwner`): :meth:`keep`
+    the handle of every hook registered, and :meth:`remove_hooks` takes them all off (safe to call twice).
+    ``disabled`` is the :class:`Adapter` switch the hooks check."""
+
+    disabled: bool = False
+
+    def keep(self, handle: RemovableHandle) -> RemovableHandle:
+        """Record ``handle`` so :meth:`remove_hooks` can take its hook off; returns it."""
+        self.__dict__.setdefault("_handles", []).append(handle)
+        return handle
+
+    def remove_hooks(self) -> None:
+        remove_handles(self.__dict__.setdefault("_handles", []))
+
+
+def like(module: nn.Module, reference: nn.Module | Tensor) -> nn.Module:
+    """``module`` moved to the device and dtype of ``reference`` (a tensor, or a module's first parameter):
+    new tuner modules live where the base layer they join lives. A reference without parameters leaves
+    ``module`` as it is."""
+    ref = reference if isinstance(reference, Tensor) else next(reference.parameters(), None)
+    return module if ref is None else module.to(device=ref.device, dtype=ref.dtype)
+
+
 def remove_handles(handles: list[RemovableHandle]) -> None:
     """Remove every hook in ``handles`` and empty the list (so a second call does nothing)."""
     for handle in handles:
@@ -135,6 +166,15 @@ def mark(module: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
         if current is True:
             return module
         setattr(module, TRAINABLE_ATTR, frozenset(current) | frozenset(names))
+    return module
+
+
+def unmark(module: nn.Module, *, state: bool = True) -> nn.Module:
+    """Undo :func:`mark` (and :func:`mark_state` with ``state``): ``module``'s own parameters are no longer
+    tuner state. Its submodules keep their marks."""
+    module.__dict__.pop(TRAINABLE_ATTR, None)
+    if state:
+        module.__dict__.pop(STATE_ATTR, None)
     return module
 
 

@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.api import mark_trainable
+from lightning_peft.api import freeze_base
+from lightning_peft.checkpoint import read_checkpoint, split_metadata
 from lightning_peft.config import TunerConfig, config_from_dict
-from lightning_peft.layers import TRAINABLE_ATTR, Adapter, mark, replace_module
+from lightning_peft.layers import META_KEY, Adapter, mark, replace_module, unmark
 
 __all__ = [
     "AdapterStack",
@@ -56,12 +57,15 @@ NAMED_ATTR = "_lp_named_adapters"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 #: Metadata key of the PEFT callback's adapter-only checkpoints (callbacks/adapter_checkpoint.py).
-LIGHTNING_META_KEY = "__lightning_peft__"
+LIGHTNING_META_KEY = META_KEY
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
 class AdapterStack(nn.Module):
     """Runs ``base_layer``, then the active adapters (in order) or a fusion of them, on its output."""
+
+    #: Named adapters share one placement by design: targeting lets more of them in (not a collision).
+    shares_placement = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -197,8 +201,8 @@ def train_adapter(model: nn.Module, name: str) -> None:
             if adapter_name == name:
                 mark(adapter)
             else:
-                adapter.__dict__.pop(TRAINABLE_ATTR, None)
-    mark_trainable(model)
+                unmark(adapter, state=False)
+    freeze_base(model)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -285,9 +289,8 @@ def read_adapter(path: str | Path) -> tuple[TunerConfig, dict[str, Tensor]]:
         return config_from_dict(meta["config"]), load_file(str(path / WEIGHTS_FILE))
     if not path.is_file():
         raise FileNotFoundError(f"no saved adapter at {str(path)!r} (a save_adapter folder or a .ckpt file)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = ckpt.get("state_dict", ckpt)
-    meta = state.get(LIGHTNING_META_KEY) if isinstance(state, Mapping) else None
+    ckpt = read_checkpoint(path)
+    state, meta = split_metadata(ckpt)
     if not meta or not meta.get("config"):
         raise ValueError(
             f"{str(path)!r} is not an adapter-only checkpoint of the PEFT callback "
