@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from lightning_peft.api import freeze_base
 from lightning_peft.checkpoint import read_checkpoint, split_metadata
 from lightning_peft.config import TunerConfig, config_from_dict
-from lightning_peft.layers import META_KEY, Adapter, mark, replace_module, unmark
+from lightning_peft.layers import META_KEY, Adapter, BaseLayerWrapper, mark, replace_module, unmark
 
 __all__ = [
     "AdapterStack",
@@ -61,7 +61,7 @@ LIGHTNING_META_KEY = META_KEY
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
-class AdapterStack(nn.Module):
+class AdapterStack(BaseLayerWrapper):
     """Runs ``base_layer``, then the active adapters (in order) or a fusion of them, on its output."""
 
     #: Named adapters share one placement by design: targeting lets more of them in (not a collision).
@@ -75,14 +75,6 @@ class AdapterStack(nn.Module):
         self.disabled = False
         self._active: list[nn.Module] = []  # plain list: no dictionary walk per forward
         self.active_names: tuple[str, ...] = ()
-
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base_layer.bias
 
     def set_active(self, names: Sequence[str]) -> None:
         self.active_names = tuple(n for n in names if n in self.adapters)
