@@ -22,6 +22,7 @@ from lightning_peft.tuners.adapterdrop import (
 )
 from tests.conftest import first_output, model_inputs, perturb_trainable, tiny_model
 from tests.lit_helpers import TinyClassifier, tiny_loader, trainer
+from tests.resume import ResumedFrom
 
 
 def _three_layers(seed: int = 0) -> torch.nn.Module:
@@ -152,21 +153,27 @@ def test_dropping_more_layers_than_exist_is_refused() -> None:
         AdapterDropConfig(layers=[1])
 
 
-def _run(tmp_path: Path, epochs: int, ckpt_path: str | None = None) -> TinyClassifier:
+def _run(
+    tmp_path: Path, epochs: int, ckpt_path: str | None = None, probe: L.Callback | None = None
+) -> TinyClassifier:
     L.seed_everything(7)
     module = TinyClassifier()
     config = AdapterDropConfig(robust=True, seed=3, modules_to_save=["classifier"])
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-    trainer(tmp_path, [PEFT(config), ckpt], max_epochs=epochs).fit(module, tiny_loader(), ckpt_path=ckpt_path)
+    callbacks = [PEFT(config), ckpt, *([probe] if probe else [])]
+    trainer(tmp_path, callbacks, max_epochs=epochs).fit(module, tiny_loader(), ckpt_path=ckpt_path)
     return module
 
 
-def test_robust_trainer_run_resumes_exactly(tmp_path: Path) -> None:
+def test_robust_trainer_run_resumes_exactly(tmp_path: Path, assert_resumed_from: ResumedFrom) -> None:
     full = _run(tmp_path / "a", epochs=2)  # 6 batches per epoch
     _run(tmp_path / "b", epochs=1)
-    saved = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
+    path = tmp_path / "b" / "ckpt" / "last.ckpt"
+    saved = torch.load(path, weights_only=False)["state_dict"]
     assert saved["adapter_drop.step"].item() == 6  # PEFT injected into the whole LightningModule
-    resumed = _run(tmp_path / "b", epochs=2, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    # The probe also checks the restored drop-schedule step (a buffer in the checkpoint) before training.
+    probe = assert_resumed_from(path, global_step=6, epoch=1, batch=0)
+    resumed = _run(tmp_path / "b", epochs=2, ckpt_path=str(path), probe=probe)
     assert isinstance(resumed.adapter_drop, AdapterDropController)
     assert resumed.adapter_drop.step.item() == full.adapter_drop.step.item() == 12
     a, b = lp.trainable_state_dict(full), lp.trainable_state_dict(resumed)
