@@ -180,3 +180,31 @@ def test_robust_trainer_run_resumes_exactly(tmp_path: Path, assert_resumed_from:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("saved", ["embeddings.word_embeddings", "encoder.layer.0.output.dense"])
+def test_specialized_refuses_modules_to_save_below_the_cut(saved: str) -> None:
+    model = _three_layers()
+    with pytest.raises(
+        ValueError, match=r"modules_to_save \['" + saved.replace(".", r"\.") + r"'\] run before"
+    ):
+        lp.inject(model, AdapterDropConfig(drop_layers=1, modules_to_save=[saved]))
+    assert not any(isinstance(m, AdapterDropController) for m in model.modules())  # refused before injecting
+
+
+def test_modules_to_save_above_the_cut_train() -> None:
+    """A saved module in the lowest adapted block or after the encoder is accepted and gets a gradient."""
+    model = _three_layers()
+    saved = ["encoder.layer.1.output.dense", "pooler.dense"]
+    lp.inject(model, AdapterDropConfig(drop_layers=1, modules_to_save=saved))
+    model.train()
+    model(**model_inputs("bert")).pooler_output.sum().backward()
+    for name in saved:
+        assert model.get_submodule(name).weight.grad.abs().sum() > 0, name
+
+
+def test_robust_warns_about_modules_to_save_a_draw_can_cut_off() -> None:
+    with pytest.warns(UserWarning, match=r"only train in batches whose drawn n"):
+        lp.inject(
+            _three_layers(), AdapterDropConfig(robust=True, modules_to_save=["encoder.layer.0.output.dense"])
+        )
