@@ -2,7 +2,7 @@
 
 One call is ``model(input_ids, attention_mask)`` under ``torch.inference_mode()`` on pretrained
 all-MiniLM-L6-v2 (batch 16 x 128 tokens by default). The models are built once, warmed up and run
-round-robin; each is summarised by its median (``common.interleaved_times``). The LoRA B matrices are set to small random
+round-robin; each is summarised by its median (``common.py``). The LoRA B matrices are set to small random
 values first so the merged weights really differ from the base. HF peft's unmerged LoRA with the same
 weights runs alongside as a reference for the unmerged overhead (``--no-peft`` skips it).
 

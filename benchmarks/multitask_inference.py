@@ -11,7 +11,7 @@ The model is BERT-base-shaped (12 layers, hidden 768, random weights) with three
 batch is split evenly across the tasks. Short inputs show the saved per-forward overhead; at 128
 tokens the forward is compute-bound and one forward of 3x the rows costs about as much as 3 forwards.
 Variants run round-robin after a warm-up under
-``torch.inference_mode``, summarised by their medians (``common.interleaved_times``).
+``torch.inference_mode``, summarised by their medians (``common.py``).
 
 Run::
 

@@ -4,7 +4,7 @@ inference cost of a folded prefix.
 One step is forward + cross-entropy + backward + ``AdamW.step`` on pretrained all-MiniLM-L6-v2 plus a
 linear head. The tuner goes into the encoder (ours through ``lp.inject``, peft's through
 ``get_peft_model(..., task_type="FEATURE_EXTRACTION")``) with the same config, the head trains in every
-method, and all steps are interleaved round-robin after a warm-up (``common.interleaved_times``). Target: each of our
+method, and all steps are interleaved round-robin after a warm-up (``common.py``). Target: each of our
 methods within 1.0x of peft's step time for the same method and config.
 
 Run::

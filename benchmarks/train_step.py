@@ -2,7 +2,7 @@
 
 One step is forward + cross-entropy + backward + ``AdamW.step`` on pretrained all-MiniLM-L6-v2 plus a
 linear head (batch 16 x 128 tokens by default). Every model is built once in this process, all steps are
-interleaved round-robin after a warm-up, and each method is summarised by its median (``common.interleaved_times``).
+interleaved round-robin after a warm-up, and each method is summarised by its median (``common.py``).
 The head trains in every method (``modules_to_save=["classifier"]`` for the tuners and for peft).
 
 Targets: our LoRA <= 1.0x peft's LoRA with the same config; LoRA <= 0.75x full fine-tuning.
