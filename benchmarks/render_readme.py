@@ -43,9 +43,9 @@ def _length(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
-def _attention_cell(r: Json | None, base: Json | None, is_base: bool) -> str:
-    if r is None:
-        return "not run"
+def _attention_cell(r: Json | None, base: Json | None, is_base: bool, first_failure: bool) -> str:
+    if r is None:  # older JSON records a failure only in the summary: the first length it lacks failed
+        return "**failed**" if first_failure else "not run"
     if "failed" in r:
         return "**failed**"
     mem = f"{r['peak_mb']:.0f} MB{'*' if r.get('lower_bound') else ''}"
@@ -71,11 +71,14 @@ def attention_table(data: Json) -> str:
     head[-1] += _length(min(high, lengths[-1]))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, per_n in results.items():
-        base = results["fused_sdpa"]
+        base, s = results["fused_sdpa"], summary[method]
+        missing = [n for n in lengths if str(n) not in per_n]
         cells = [
-            _attention_cell(per_n.get(str(n)), base.get(str(n)), method == "fused_sdpa") for n in lengths
+            _attention_cell(
+                per_n.get(str(n)), base.get(str(n)), method == "fused_sdpa", s["failed"] and n == missing[0]
+            )
+            for n in lengths
         ]
-        s = summary[method]
         cross = (
             "-" if method == "fused_sdpa" else (_length(s["crossover_n"]) if s["crossover_n"] else "never")
         )
@@ -137,6 +140,7 @@ TARGETS = {
 
 REGIONS: dict[str, tuple[str, Callable[[Json], str]]] = {
     "attention-table": ("attention_scaling.json", attention_table),
+    "attention-competitors-table": ("attention_competitors.json", attention_table),
     "train-step-table": ("train_step.json", train_step_table),
 }
 
@@ -164,6 +168,10 @@ def _demo(d: Json) -> list[str]:
 
 
 def _ddp(d: Json) -> list[str]:
+    if "rounds" not in d:  # a run of the earlier protocol: one run per set-up, one after the other
+        steps = len(d["results"]["single"]["samples_ms"])
+        order = "the two set-ups ran one after the other"
+        return [f"{d['ddp_vs_single']:.2f}x ({steps} timed steps per set-up; {order})"]
     iqr, rounds = d["ddp_vs_single_iqr"], d["rounds"]
     return [f"{d['ddp_vs_single']:.2f}x (per-round IQR {iqr:.2f}, {rounds} alternating rounds)"]
 
@@ -262,34 +270,41 @@ FIGURES: dict[str, Callable[[Json], list[str]]] = {
 
 # -- checking and rewriting ----------------------------------------------------------------------------
 def _region(name: str) -> re.Pattern[str]:
-    return re.compile(rf"(<!-- generated: {name} -->\n)(.*?)(\n<!-- end generated: {name} -->)", re.S)
+    return re.compile(rf"<!-- generated: {name} -->\n(.*?)\n?<!-- end generated: {name} -->", re.S)
 
 
 def render(text: str) -> str:
-    """``text`` with every generated region rewritten from its JSON."""
+    """``text`` with every generated region rewritten from its JSON (regions whose JSON is absent stay)."""
     for name, (source, fn) in REGIONS.items():
         pattern = _region(name)
         if not pattern.search(text):
             raise ValueError(f"README has no generated region {name!r}")
-        body = fn(load(source))
-        text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(3), text)
+        if not (RESULTS / source).exists():
+            continue
+        block = f"<!-- generated: {name} -->\n{fn(load(source))}\n<!-- end generated: {name} -->"
+        text = pattern.sub(lambda _m, block=block: block, text)
     return text
 
 
 def problems(text: str) -> list[str]:
-    """What in ``text`` (the README) disagrees with the JSON: stale regions and missing figures."""
+    """What in ``text`` (the README) disagrees with the JSON: stale regions and missing figures (figures
+    are matched with line breaks and runs of spaces read as one space)."""
     found = []
+    flat = " ".join(text.split())
     for name, (source, fn) in REGIONS.items():
         match = _region(name).search(text)
-        if match is None:
+        if not (RESULTS / source).exists():
+            found.append(f"region {name}: no {source}")
+        elif match is None:
             found.append(f"region {name}: markers missing")
-        elif match.group(2) != fn(load(source)):
+        elif match.group(1) != fn(load(source)):
             found.append(f"region {name}: differs from {source} (run benchmarks/render_readme.py)")
     for source, fn in FIGURES.items():
         if not (RESULTS / source).exists():
             found.append(f"{source}: no such result")
             continue
-        found += [f"{source}: README lacks {figure!r}" for figure in fn(load(source)) if figure not in text]
+        missing = [f for f in fn(load(source)) if " ".join(f.split()) not in flat]
+        found += [f"{source}: README lacks {figure!r}" for figure in missing]
     return found
 
 

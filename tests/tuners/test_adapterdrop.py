@@ -60,15 +60,17 @@ def test_specialized_drop_has_no_adapters_below_and_equals_explicit_layers() -> 
 
 
 def test_backward_stops_at_the_lowest_adapted_block() -> None:
-    # A trainable embedding below the adapters would normally get a gradient; AdapterDrop cuts it off.
-    config = dict(modules_to_save=["embeddings.word_embeddings"])
+    # A tensor below the adapters that requires grad (here set by hand after injection: as modules_to_save
+    # it is refused) would normally get a gradient; AdapterDrop cuts it off.
     model = _three_layers()
-    lp.inject(model, AdapterDropConfig(drop_layers=1, **config))
+    lp.inject(model, AdapterDropConfig(drop_layers=1))
+    model.embeddings.word_embeddings.weight.requires_grad_(True)
     first_output(model, model_inputs("bert")).sum().backward()
     assert model.embeddings.word_embeddings.weight.grad is None
     assert all(p.grad is not None for p in _adapter_params(model, 1).values())
     plain = _three_layers()
-    lp.inject(plain, lp.BottleneckConfig(layers=[1, 2], **config))
+    lp.inject(plain, lp.BottleneckConfig(layers=[1, 2]))
+    plain.embeddings.word_embeddings.weight.requires_grad_(True)
     first_output(plain, model_inputs("bert")).sum().backward()
     assert plain.embeddings.word_embeddings.weight.grad is not None
 
