@@ -264,7 +264,7 @@ FIGURES: dict[str, Callable[[Json], list[str]]] = {
     "injection.json": _injection,
     "inference.json": _inference,
     "adapterhub_counts.json": _adapterhub,
-    "attention_scaling.json": _attention,
+    "attention_competitors.json": _attention,
 }
 
 
