@@ -38,9 +38,11 @@ from common import (
     EncoderClassifier,
     add_quick_flag,
     apply_quick,
+    bert_config,
     load_minilm,
     machine_info,
     print_table,
+    quick,
     write_json,
 )
 
@@ -81,7 +83,7 @@ def run(devices: int, global_batch: int, seq: int, steps: int, out: Path) -> Non
     n = global_batch * steps
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(
-        torch.randint(1000, 30522, (n, seq), generator=g),
+        torch.randint(1000, bert_config().vocab_size if quick() else 30522, (n, seq), generator=g),
         torch.ones(n, seq, dtype=torch.long),
         torch.randint(0, 2, (n,), generator=g),
     )

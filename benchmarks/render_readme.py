@@ -192,9 +192,12 @@ def _prompt_only(d: Json) -> list[str]:
 
 
 def _ops(d: Json) -> list[str]:
-    c = d["operator_counts"]["ours_prompt"]
-    more = ", ".join(f"`{op.removeprefix('aten::')}` {a} vs {b}" for op, (a, b) in c["ours_more"].items())
-    return [f"{c['ours_total']:,} vs {c['peft_total']:,} ATen ops", more]
+    out = []
+    for method in ("ours_prompt", "ours_lora"):
+        c = d["operator_counts"][method]
+        more = ", ".join(f"`{op.removeprefix('aten::')}` {a} vs {b}" for op, (a, b) in c["ours_more"].items())
+        out += [f"{c['ours_total']:,} vs {c['peft_total']:,} ATen ops", more or "none more often"]
+    return out
 
 
 def _adapterdrop(d: Json) -> list[str]:
