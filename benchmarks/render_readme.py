@@ -256,7 +256,6 @@ def _attention(d: Json) -> list[str]:
 
 
 FIGURES: dict[str, Callable[[Json], list[str]]] = {
-    "demo_baselines.json": _demo,
     "ddp_step.json": _ddp,
     "prompt_family.json": _prompt_family,
     "prompt_family_prompt.json": _prompt_only,
