@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -182,6 +183,36 @@ def set_adapter_drop(model: nn.Module, n: int) -> None:
     controller.eval_drop = n
 
 
+def _check_saved_below_cut(model: nn.Module, config: AdapterDropConfig, found: list[str], cut: int) -> None:
+    """Refuse (specialized) or warn about (robust) ``modules_to_save`` modules that run before block ``cut``.
+
+    The hidden state entering the lowest block with active adapters is detached, so a fully trained module
+    computed before it (an embedding, a lower block's layer) gets no gradient at all (specialized) or only
+    in the batches whose draw cuts below it (robust). Order is the model's module registration order,
+    which follows the forward in transformers' models (embeddings, then blocks, then heads).
+    """
+    if not config.modules_to_save:
+        return
+    block = next(n.split(f".{cut}.")[0] + f".{cut}" for n in found if block_index(n) == cut)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    saved = find_modules(model, config.modules_to_save, what="modules_to_save")
+    below = [s for s in saved if order[s] < order[block] and not block.startswith(s + ".")]
+    if not below:
+        return
+    what = (
+        f"AdapterDropConfig: modules_to_save {below} run before {block!r}, where AdapterDrop detaches the "
+        "hidden state (nothing below the lowest active adapter gets a gradient)"
+    )
+    if not config.robust:
+        raise ValueError(
+            f"{what}, so they would never train; drop fewer layers (drop_layers) or train them with a "
+            "plain BottleneckConfig"
+        )
+    warnings.warn(
+        f"{what}: they only train in batches whose drawn n leaves their block adapted", stacklevel=3
+    )
+
+
 @register_tuner("adapterdrop")
 @dataclass(kw_only=True)
 class AdapterDropConfig(BottleneckConfig):
@@ -233,6 +264,8 @@ class AdapterDropConfig(BottleneckConfig):
                 f"AdapterDropConfig.max_drop={max_drop}: cannot drop more layers than the model has "
                 f"({len(blocks)} adapted blocks); at most {len(blocks) - 1}"
             )
+        highest_cut = blocks[max_drop] if self.robust else kept[0]  # the highest block the input is cut at
+        _check_saved_below_cut(model, self, found, highest_cut)
         base_fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(BottleneckConfig)}
         names = BottleneckConfig(**{**base_fields, "target_modules": targets, "layers": kept}).apply(model)
         controller = AdapterDropController(model, robust=self.robust, max_drop=max_drop, seed=self.seed)
