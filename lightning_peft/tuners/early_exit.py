@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -83,9 +83,9 @@ class EarlyExitConfig(TunerConfig):
 
     identity_at_init: ClassVar[bool] = True  # the encoder's outputs are untouched; heads are added beside
 
-    num_labels: int
+    num_labels: int = 2
     criterion: str = "patience"
-    patience: int = 2
+    patience: int = 1
     threshold: float | list[float] | None = None
     tau: float | None = None
     exit_layer: int | None = None
@@ -242,6 +242,11 @@ class ExitHeads(nn.ModuleList):
         )
         self.config = config
         self.disabled = False
+
+    def __getitem__(self, idx: int | slice) -> Any:  # a slice is a plain list of heads
+        if isinstance(idx, slice):
+            return list(self._modules.values())[idx]
+        return super().__getitem__(idx)
 
     def remove_hooks(self) -> None:
         """Nothing to remove: the heads act through :mod:`lightning_peft.early_exit`, not hooks."""
