@@ -86,7 +86,8 @@ def exit_logits(model: nn.Module, **batch: Any) -> Tensor:
     """Every exit's logits ``(L, B, C)`` with all layers run (training, analysis, :func:`decide`).
 
     Args:
-        model: a model holding a Hugging Face encoder with exit heads (``inject(model, EarlyExitConfig(...))``).
+        model: a model holding a Hugging Face encoder with exit heads
+            (``inject(model, EarlyExitConfig(...))``).
         **batch: ``input_ids``, ``attention_mask``, ``token_type_ids``, ... as the model takes them
             (``labels`` is ignored).
     """

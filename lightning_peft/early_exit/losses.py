@@ -45,7 +45,8 @@ def exit_losses(all_logits: Tensor, labels: Tensor) -> Tensor:
         return per.mean(1)
     if labels.numel() and (int(labels.max()) >= C or int(labels.min()) < 0):
         raise ValueError(
-            f"labels range over [{int(labels.min())}, {int(labels.max())}] but the exit heads have num_labels={C}; "
+            f"labels range over [{int(labels.min())}, {int(labels.max())}] but the exit heads have "
+            f"num_labels={C}; "
             "set EarlyExitConfig(num_labels=...) to the task's number of classes"
         )
     flat = F.cross_entropy(all_logits.reshape(L * B, C), labels.repeat(L), reduction="none")

@@ -110,7 +110,8 @@ def _find_hf_model(model: nn.Module) -> tuple[str, PreTrainedModel]:
         if isinstance(module, PreTrainedModel):
             return name, module
     raise ValueError(
-        f"{type(model).__name__} holds no Hugging Face PreTrainedModel: early exit steps a transformers encoder "
+        f"{type(model).__name__} holds no Hugging Face PreTrainedModel: early exit steps a transformers "
+        "encoder "
         "(BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT, ALBERT)"
     )
 
@@ -132,7 +133,8 @@ def resolve_encoder(model: nn.Module) -> Encoder:
     if family not in _FAMILIES:
         raise ValueError(
             f"early exit does not know how to step the blocks of model family {family!r}. Known: "
-            f"{', '.join(sorted(_FAMILIES))}. Register the family's layout (embeddings and block stack paths) "
+            f"{', '.join(sorted(_FAMILIES))}. Register the family's layout (embeddings and block stack "
+            "paths) "
             "with lightning_peft.layouts.register_layout, and its embedding call with "
             "lightning_peft.early_exit.stepping.register_family"
         )

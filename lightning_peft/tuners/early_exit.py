@@ -100,7 +100,9 @@ class EarlyExitConfig(TunerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 1:
-            raise ValueError(f"{_OWNER}.num_labels must be an int >= 1 (1 = regression), got {self.num_labels!r}")
+            raise ValueError(
+                f"{_OWNER}.num_labels must be an int >= 1 (1 = regression), got {self.num_labels!r}"
+            )
         check_choice(_OWNER, "criterion", self.criterion, CRITERIA)
         check_choice(_OWNER, "fallback", self.fallback, ("most_confident", "last"))
         check_choice(_OWNER, "pooling", self.pooling, ("cls", "mean"))
@@ -121,15 +123,25 @@ class EarlyExitConfig(TunerConfig):
             )
         if self.criterion == "patience" and regression:
             if self.tau is None:
-                raise ValueError(f"{_OWNER}: regression with criterion='patience' needs tau (agreement tolerance)")
+                raise ValueError(
+                    f"{_OWNER}: regression with criterion='patience' needs tau (agreement tolerance)"
+                )
             check_positive(_OWNER, "tau", self.tau)
         if self.criterion in ("entropy", "confidence"):
             self._check_threshold()
         elif self.threshold is not None:
-            raise ValueError(f"{_OWNER}.threshold is used by 'entropy' and 'confidence', not {self.criterion!r}")
+            raise ValueError(
+                f"{_OWNER}.threshold is used by 'entropy' and 'confidence', not {self.criterion!r}"
+            )
         if self.criterion == "fixed":
-            if not isinstance(self.exit_layer, int) or isinstance(self.exit_layer, bool) or self.exit_layer < 1:
-                raise ValueError(f"{_OWNER}(criterion='fixed') needs exit_layer >= 1, got {self.exit_layer!r}")
+            if (
+                not isinstance(self.exit_layer, int)
+                or isinstance(self.exit_layer, bool)
+                or self.exit_layer < 1
+            ):
+                raise ValueError(
+                    f"{_OWNER}(criterion='fixed') needs exit_layer >= 1, got {self.exit_layer!r}"
+                )
         elif self.exit_layer is not None:
             raise ValueError(f"{_OWNER}.exit_layer is only used by criterion='fixed', not {self.criterion!r}")
 
@@ -140,7 +152,9 @@ class EarlyExitConfig(TunerConfig):
             low, high, what = 0.0, math.log(self.num_labels), "ln(num_labels)"
         else:
             if isinstance(self.threshold, (list, tuple)):
-                raise ValueError(f"{_OWNER}: per-layer thresholds are for 'entropy'; 'confidence' takes one float")
+                raise ValueError(
+                    f"{_OWNER}: per-layer thresholds are for 'entropy'; 'confidence' takes one float"
+                )
             low, high, what = 1.0 / self.num_labels, 1.0, "1"
         values = list(self.threshold) if isinstance(self.threshold, (list, tuple)) else [self.threshold]
         for v in values:
@@ -148,23 +162,34 @@ class EarlyExitConfig(TunerConfig):
                 raise ValueError(
                     f"{_OWNER}.threshold={v!r} is outside the range of {self.criterion} with "
                     f"{self.num_labels} labels: [{low:.4g}, {high:.4g}] ({what}). A negative entropy "
-                    "threshold would silently disable every exit; above the maximum every sample leaves first."
+                    "threshold would silently disable every exit; above the maximum every sample leaves "
+                    "first."
                 )
-        self.threshold = [float(v) for v in values] if isinstance(self.threshold, (list, tuple)) else float(values[0])
+        self.threshold = (
+            [float(v) for v in values] if isinstance(self.threshold, (list, tuple)) else float(values[0])
+        )
 
     def _check_training(self) -> None:
         if isinstance(self.loss_weights, str):
             check_choice(_OWNER, "loss_weights", self.loss_weights, ("pabee", "equal"))
         else:
             weights = list(self.loss_weights)
-            if not weights or any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in weights):
+            if not weights or any(
+                isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in weights
+            ):
                 raise ValueError(f"{_OWNER}.loss_weights must be 'pabee', 'equal' or non-negative numbers")
             if sum(weights) <= 0:
                 raise ValueError(f"{_OWNER}.loss_weights sum to 0: no exit would train")
             self.loss_weights = [float(w) for w in weights]
         if self.training == "deebert":
-            if not isinstance(self.stage2_step, int) or isinstance(self.stage2_step, bool) or self.stage2_step < 0:
-                raise ValueError(f"{_OWNER}(training='deebert') needs stage2_step >= 0 (the global step of stage 2)")
+            if (
+                not isinstance(self.stage2_step, int)
+                or isinstance(self.stage2_step, bool)
+                or self.stage2_step < 0
+            ):
+                raise ValueError(
+                    f"{_OWNER}(training='deebert') needs stage2_step >= 0 (the global step of stage 2)"
+                )
         elif self.stage2_step is not None:
             raise ValueError(f"{_OWNER}.stage2_step is only used with training='deebert'")
 
@@ -172,18 +197,22 @@ class EarlyExitConfig(TunerConfig):
         """Validate the fields that depend on the number of exits ``num_layers`` (raises ValueError)."""
         if self.criterion == "patience" and self.patience > num_layers - 1:
             raise ValueError(
-                f"{_OWNER}.patience={self.patience} can never be reached with {num_layers} layers (the counter "
+                f"{_OWNER}.patience={self.patience} can never be reached with {num_layers} layers (the "
+                "counter "
                 f"is at most {num_layers - 1}); use patience <= {num_layers - 1}, or 0 for the full model"
             )
         if self.criterion == "fixed" and self.exit_layer is not None and self.exit_layer > num_layers:
             raise ValueError(f"{_OWNER}.exit_layer={self.exit_layer} but the model has {num_layers} layers")
         if isinstance(self.threshold, list) and len(self.threshold) not in (num_layers - 1, num_layers):
             raise ValueError(
-                f"{_OWNER}.threshold has {len(self.threshold)} values; give one per layer ({num_layers}) or one "
+                f"{_OWNER}.threshold has {len(self.threshold)} values; give one per layer ({num_layers}) or "
+                "one "
                 f"per non-final layer ({num_layers - 1}), or a single float"
             )
         if isinstance(self.loss_weights, list) and len(self.loss_weights) != num_layers:
-            raise ValueError(f"{_OWNER}.loss_weights has {len(self.loss_weights)} values for {num_layers} exits")
+            raise ValueError(
+                f"{_OWNER}.loss_weights has {len(self.loss_weights)} values for {num_layers} exits"
+            )
 
     def layer_thresholds(self, num_layers: int) -> list[float]:
         """The threshold of every exit (a float repeated, or the per-layer list padded for the last)."""
@@ -198,7 +227,9 @@ class EarlyExitConfig(TunerConfig):
         enc = resolve_encoder(model)
         self.check_depth(enc.num_layers)
         if isinstance(getattr(enc.hf, HEADS_ATTR, None), ExitHeads):
-            raise ValueError("this model already has exit heads; unload() it before injecting EarlyExitConfig again")
+            raise ValueError(
+                "this model already has exit heads; unload() it before injecting EarlyExitConfig again"
+            )
         heads = ExitHeads(self, int(enc.hf.config.hidden_size), enc.num_layers)
         heads.train(enc.hf.training)  # an encoder in eval mode gets heads without dropout
         enc.hf.add_module(HEADS_ATTR, heads)
@@ -237,7 +268,13 @@ class ExitHeads(nn.ModuleList):
 
     def __init__(self, config: EarlyExitConfig, hidden: int, num_layers: int) -> None:
         super().__init__(
-            ExitHead(hidden, config.num_labels, pooling=config.pooling, pooler=config.head_pooler, dropout=config.dropout)
+            ExitHead(
+                hidden,
+                config.num_labels,
+                pooling=config.pooling,
+                pooler=config.head_pooler,
+                dropout=config.dropout,
+            )
             for _ in range(num_layers)
         )
         self.config = config
@@ -264,6 +301,7 @@ def find_exit_heads(model: nn.Module) -> ExitHeads:
             "EarlyExitConfig(num_labels=...)) (or a list [LoRAConfig(...), EarlyExitConfig(...)])"
         )
     if len(found) > 1:
-        raise ValueError(f"this model holds {len(found)} sets of exit heads; call early-exit functions on one encoder")
+        raise ValueError(
+            f"this model holds {len(found)} sets of exit heads; call early-exit functions on one encoder"
+        )
     return found[0]
-

@@ -25,11 +25,19 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         hidden_size=32, num_hidden_layers=DEPTH, num_attention_heads=2, intermediate_size=64, pad_token_id=1
     ),
     "electra": dict(
-        embedding_size=16, hidden_size=32, num_hidden_layers=DEPTH, num_attention_heads=2, intermediate_size=64
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=2,
+        intermediate_size=64,
     ),
     "distilbert": dict(dim=32, hidden_dim=64, n_layers=DEPTH, n_heads=2),
     "albert": dict(
-        embedding_size=16, hidden_size=32, num_hidden_layers=DEPTH, num_attention_heads=2, intermediate_size=64
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=2,
+        intermediate_size=64,
     ),
 }
 FAMILIES = sorted(FAMILY_CONFIGS)

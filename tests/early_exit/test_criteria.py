@@ -58,7 +58,9 @@ def test_shallow_deep_fallback_most_confident_or_last() -> None:
     out, layer = decide(cfg, z)
     assert layer.tolist() == [4]  # ran every layer
     torch.testing.assert_close(out[0], torch.tensor([3.0, 0.0]))  # the most confident exit's logits
-    out, _ = decide(lp.EarlyExitConfig(num_labels=2, criterion="confidence", threshold=0.99, fallback="last"), z)
+    out, _ = decide(
+        lp.EarlyExitConfig(num_labels=2, criterion="confidence", threshold=0.99, fallback="last"), z
+    )
     torch.testing.assert_close(out[0], torch.tensor([0.0, 0.2]))
 
 

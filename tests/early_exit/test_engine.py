@@ -148,7 +148,7 @@ def test_exit_at_k_equals_truncated_model_and_head(family: str, k: int, batch: d
     torch.testing.assert_close(logits, want, atol=1e-6, rtol=1e-6)
 
 
-def replace_config(config, **changes):  # noqa: ANN001, ANN201
+def replace_config(config, **changes):
     new = config.__class__.from_dict({**config.to_dict(), **changes})
     return new
 
@@ -183,7 +183,10 @@ def test_predict_removes_samples_that_left(batch: dict) -> None:
     model = with_exits("bert", 0)
     cfg = lp.EarlyExitConfig(num_labels=3, criterion="fixed", exit_layer=DEPTH)
     seen: list[tuple[int, ...]] = []
-    hooks = [b.register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape[:2]))) for b in model.encoder.layer]
+    hooks = [
+        b.register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape[:2])))
+        for b in model.encoder.layer
+    ]
     _, layer = predict(model, **batch)
     seen.clear()
     with torch.no_grad():

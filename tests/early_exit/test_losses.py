@@ -53,7 +53,7 @@ def test_joint_loss_by_hand(weights: object) -> None:
 def test_deebert_stage1_trains_the_final_exit_only() -> None:
     model = _model(training="deebert", stage2_step=10)
     batch, labels = padded_batch(batch=6), torch.tensor([0, 1, 2, 0, 1, 2])
-    loss, logits = training_loss(model, labels, global_step=9, **batch)
+    loss, _ = training_loss(model, labels, global_step=9, **batch)
     hidden = _hidden(model, batch)
     want = _hand_ce(model.exit_heads[-1](hidden[-1], batch["attention_mask"]), labels)
     torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
@@ -76,7 +76,9 @@ def test_deebert_stage2_gradients_by_hand_and_frozen_rest() -> None:
     for j, head in enumerate(model.exit_heads[:-1]):
         x = hidden[j][:, 0].double()  # cls pooling, no pooler, no dropout: logits = x W^T + b
         p = torch.softmax(x @ head.classifier.weight.double().T + head.classifier.bias.double(), -1)
-        torch.testing.assert_close(head.classifier.weight.grad.double(), (p - y).T @ x / 6, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            head.classifier.weight.grad.double(), (p - y).T @ x / 6, atol=1e-6, rtol=1e-5
+        )
         torch.testing.assert_close(head.classifier.bias.grad.double(), (p - y).mean(0), atol=1e-6, rtol=1e-5)
     trained = {n for n, p in model.named_parameters() if p.grad is not None}
     assert trained == {f"exit_heads.{j}.classifier.{w}" for j in range(DEPTH - 1) for w in ("weight", "bias")}
