@@ -57,6 +57,7 @@ from lightning_peft.attention.base import (
     get_attention,
 )
 from lightning_peft.layers import mark
+from lightning_peft.layouts import find_hf_model, find_stacks, get_layout
 
 __all__ = [
     "INTERFACE_KEY",
@@ -64,22 +65,18 @@ __all__ = [
     "TokenMixerSelfAttention",
     "VariantSelfAttention",
     "key_padding_from_mask",
+    "padding_mask_function",
+    "repeat_kv",
+    "routes_through_interface",
     "swap_attention",
     "swapped",
+    "variant_attention",
 ]
 
 INTERFACE_KEY = "lightning_peft"
 """The name registered with ``AttentionInterface`` and ``AttentionMaskInterface``."""
 
 _SWAP_ATTR = "_lightning_peft_swap"
-
-# model_type -> (self-attention class names, always causal?). BERT/RoBERTa are causal when config.is_decoder.
-_FAMILIES: dict[str, tuple[tuple[str, ...], bool]] = {
-    "bert": (("BertSelfAttention", "BertSdpaSelfAttention"), False),
-    "roberta": (("RobertaSelfAttention", "RobertaSdpaSelfAttention"), False),
-    "gpt2": (("GPT2Attention",), True),
-    "llama": (("LlamaAttention",), True),
-}
 
 
 @dataclass(frozen=True)
@@ -133,7 +130,7 @@ def key_padding_from_mask(mask: Tensor | None, kv_length: int | None = None) -> 
     return None if bool(real.all()) else real
 
 
-def _padding_mask_function(
+def padding_mask_function(
     *,
     kv_length: int,
     kv_offset: int = 0,
@@ -173,12 +170,12 @@ def _scaling(module: nn.Module, head_dim: int, given: float | None) -> float:
     return float(getattr(module, "scaling", head_dim**-0.5))
 
 
-def _repeat_kv(x: Tensor, groups: int) -> Tensor:
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
     """Grouped-query attention: ``(B, Hkv, T, D)`` -> ``(B, Hkv * groups, T, D)``."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def _variant_attention(
+def variant_attention(
     module: nn.Module,
     query: Tensor,
     key: Tensor,
@@ -195,7 +192,7 @@ def _variant_attention(
     if kwargs.get("head_mask") is not None:
         raise NotImplementedError("swapped attention does not support head_mask")
     groups = int(getattr(module, "num_key_value_groups", 1))
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)  # (B, H, Tk, D)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, Tk, D)
     padding = key_padding_from_mask(attention_mask, key.shape[2])
     scale = _scaling(module, query.shape[-1], scaling)
     variant = module._modules.get("attention_variant")
@@ -220,11 +217,11 @@ def _register_interface() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(INTERFACE_KEY, _variant_attention)
-    AttentionMaskInterface.register(INTERFACE_KEY, _padding_mask_function)
+    AttentionInterface.register(INTERFACE_KEY, variant_attention)
+    AttentionMaskInterface.register(INTERFACE_KEY, padding_mask_function)
 
 
-def _routes_through_interface(module: nn.Module) -> bool:
+def routes_through_interface(module: nn.Module) -> bool:
     """Whether this module's modeling file dispatches attention through ``AttentionInterface``."""
     try:
         importlib.import_module("transformers.masking_utils").AttentionMaskInterface  # noqa: B018
@@ -296,15 +293,28 @@ class TokenMixerSelfAttention(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------- swapping
-def _attention_modules(model: nn.Module, class_names: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
-    found = []
-    for path, module in model.named_modules():
-        if type(module).__name__ not in class_names or getattr(module, "is_cross_attention", False):
-            continue
-        if path.split(".")[-2:-1] == ["crossattention"] or ".crossattention." in f".{path}.":
-            continue  # BERT's cross-attention reuses the self-attention class
-        found.append((path, module))
-    return found
+def _swap_targets(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+    """``(path, self-attention module, causal)`` of every block of ``model``, from its layout
+    (:mod:`lightning_peft.layouts`); cross-attention is never a target."""
+    layout = get_layout(model, owner="swap_attention")
+    if layout.encoder_decoder:
+        raise ValueError(
+            f"swap_attention supports encoder-only and decoder-only models; {type(model).__name__} "
+            f"({layout.family}) is an encoder-decoder"
+        )
+    targets = []
+    for stack in find_stacks(model, owner="swap_attention"):
+        rel = stack.layout.block.attention
+        for block_name, block in zip(stack.block_names(), stack.blocks, strict=True):
+            module = block.get_submodule(rel)
+            if type(module).__name__ not in stack.layout.block.attention_classes:
+                raise ValueError(
+                    f"swap_attention: {block_name}.{rel} is a {type(module).__name__}, not the "
+                    f"self-attention class the {layout.family!r} layout names "
+                    f"({', '.join(stack.layout.block.attention_classes)})"
+                )
+            targets.append((f"{block_name}.{rel}", module, stack.causal))
+    return targets
 
 
 def _head_shape(module: nn.Module, config: Any) -> tuple[int, int]:
@@ -342,50 +352,36 @@ def swap_attention(model: nn.Module, name: str, **options: Any) -> SwapReport:
         print(report)  # sliding_window(window=128) in 12 bert attention layers via attention_interface
     """
     cls = get_attention(name)  # raises for an unknown name, listing the known ones
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _FAMILIES:
-        raise ValueError(
-            f"swap_attention supports Hugging Face {', '.join(sorted(_FAMILIES))} models; got "
-            f"{type(model).__name__} (model_type={model_type!r})"
-        )
+    _, model = find_hf_model(model, owner="swap_attention")
+    config = model.config
     previous: SwapReport | None = getattr(model, _SWAP_ATTR, None)
     if previous is not None:
         if previous.variant == name and previous.options == options:
             return previous
         raise ValueError(f"this model already runs {previous}; swap a fresh model instead of swapping twice")
-    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
-        raise ValueError(
-            f"swap_attention: position_embedding_type={config.position_embedding_type!r} adds "
-            "relative-position "
-            "scores inside attention, which the variants cannot take; use absolute position embeddings"
-        )
-    class_names, always_causal = _FAMILIES[model_type]
-    causal = always_causal or bool(getattr(config, "is_decoder", False))
-    caps = cls.capabilities
-    if causal and not caps.causal:
-        causal_ok = [n for n in available_attention() if get_attention(n).capabilities.causal]
-        raise ValueError(
-            f"{type(model).__name__} is a causal (decoder) model but attention variant {name!r} cannot do "
-            "causal "
-            f"attention; choose one of: {', '.join(causal_ok)}"
-        )
-    targets = _attention_modules(model, class_names)
-    if not targets:
-        raise ValueError(
-            f"found no self-attention module ({', '.join(class_names)}) in {type(model).__name__}"
-        )
-    max_length = getattr(config, "max_position_embeddings", None)
+    _check_positions(config)
+    targets = _swap_targets(model)
+    causal = any(c for _, _, c in targets)
+    _check_causal(model, name, cls, causal)
     mixer = issubclass(cls, TokenMixer)
-    interface = not mixer and all(_routes_through_interface(m) for _, m in targets)
-    if mixer and model_type not in ("bert", "roberta"):
+    interface = not mixer and all(routes_through_interface(m) for _, m, _ in targets)
+    if mixer and config.model_type not in ("bert", "roberta"):
         raise ValueError(
             f"token mixer {name!r} replaces encoder self-attention; it supports BERT and RoBERTa only"
         )
-
-    for path, module in targets:
+    if not mixer and not interface and config.model_type not in ("bert", "roberta"):
+        raise ValueError(
+            f"swap_attention: {type(model).__name__}'s attention does not run through transformers' "
+            "AttentionInterface in this transformers version; upgrade transformers (>= 5)"
+        )
+    # max_length (Linformer, Mixer) defaults to the model's position limit; a user's value wins.
+    build_options = {k: v for k, v in options.items() if k != "max_length"}
+    max_length = options.get("max_length", getattr(config, "max_position_embeddings", None))
+    for path, module, target_causal in targets:
         heads, head_dim = _head_shape(module, config)
-        variant = build_attention(name, num_heads=heads, head_dim=head_dim, max_length=max_length, **options)
+        variant = build_attention(
+            name, num_heads=heads, head_dim=head_dim, max_length=max_length, **build_options
+        )
         variant.to(device=_device_of(module)).train(module.training)
         if any(True for _ in variant.parameters()):
             # New, randomly initialised parameters (Linformer projections, Synthesizer logits, Mixer MLPs)
@@ -395,24 +391,42 @@ def swap_attention(model: nn.Module, name: str, **options: Any) -> SwapReport:
             _set_parent(model, path, TokenMixerSelfAttention(variant))
         elif interface:
             module.attention_variant = variant
-            module.attention_variant_causal = causal
+            module.attention_variant_causal = target_causal
         else:
-            _set_parent(model, path, VariantSelfAttention(module, variant, causal))
+            _set_parent(model, path, VariantSelfAttention(module, variant, target_causal))
 
-    uses_interface = interface or (mixer and all(_routes_through_interface(m) for _, m in targets))
+    uses_interface = interface or (mixer and all(routes_through_interface(m) for _, m, _ in targets))
     if uses_interface:
         _register_interface()
         _set_implementation(model)
     report = SwapReport(
         variant=name,
         options=dict(options),
-        model_type=model_type,
+        model_type=config.model_type,
         route="attention_interface" if interface else "module",
         causal=causal,
-        modules=tuple(path for path, _ in targets),
+        modules=tuple(path for path, _, _ in targets),
     )
     object.__setattr__(model, _SWAP_ATTR, report)
     return report
+
+
+def _check_positions(config: Any) -> None:
+    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
+        raise ValueError(
+            f"swap_attention: position_embedding_type={config.position_embedding_type!r} adds "
+            "relative-position scores inside attention, which the variants cannot take; use absolute "
+            "position embeddings"
+        )
+
+
+def _check_causal(model: nn.Module, name: str, cls: type[AttentionVariant], causal: bool) -> None:
+    if causal and not cls.capabilities.causal:
+        causal_ok = [n for n in available_attention() if get_attention(n).capabilities.causal]
+        raise ValueError(
+            f"{type(model).__name__} is a causal (decoder) model but attention variant {name!r} cannot do "
+            f"causal attention; choose one of: {', '.join(causal_ok)}"
+        )
 
 
 def swapped(model: nn.Module) -> SwapReport | None:

@@ -35,8 +35,7 @@ from torch import nn
 from lightning_peft.api import get_config
 from lightning_peft.config import config_from_dict
 from lightning_peft.fingerprint import compare_fingerprints
-from lightning_peft.layers import TRAINABLE_ATTR, iter_trainable_parameters, tuner_state_names
-from lightning_peft.tuners.kadapter import kadapter_record, restore_kadapters
+from lightning_peft.layers import META_KEY, TRAINABLE_ATTR, iter_trainable_parameters, tuner_state_names
 
 __all__ = [
     "META_KEY",
@@ -50,7 +49,6 @@ __all__ = [
     "validate_adapter_checkpoint",
 ]
 
-META_KEY = "__lightning_peft__"
 _HOOKS_ATTR = "_lp_load_hooks"
 _WRAPPER_FRAGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -118,12 +116,35 @@ def full_trainable_state_dict(module: nn.Module) -> dict[str, Any]:
 def make_meta(module: nn.Module, fingerprint: dict[str, Any]) -> dict[str, Any]:
     config = get_config(module)
     meta = {"version": 1, "config": config.to_dict() if config else None, "fingerprint": fingerprint}
-    # Knowledge adapters added with add_kadapter() after inject() are not in the config: record them all,
-    # so a fresh model can be given the same ones before the weights load.
-    kadapters = kadapter_record(module)
-    if kadapters is not None:
-        meta["kadapters"] = kadapters
+    # What the config alone does not describe (K-Adapters added after inject()): one record per member
+    # that has one, so a fresh model can be given the same modules before the weights load.
+    if config is not None:
+        records = [member.checkpoint_record(module) for member in config.members()]
+        if any(r is not None for r in records):
+            meta["records"] = records
     return meta
+
+
+def restore_records(module: nn.Module, meta: dict[str, Any]) -> None:
+    """Rebuild what :func:`make_meta` recorded (before the checkpoint's tensors load)."""
+    config = get_config(module)
+    records = meta.get("records")
+    if records is None and meta.get("kadapters"):  # written before records were per member
+        records = (
+            [meta["kadapters"] if m.method == "kadapter" else None for m in config.members()]
+            if config
+            else None
+        )
+    if not records or config is None:
+        return
+    for member, record in zip(config.members(), records, strict=False):
+        if record is not None:
+            try:
+                member.restore_record(module, record)
+            except ValueError as err:
+                raise AdapterCheckpointError(
+                    f"cannot restore the checkpoint's {member.method} modules: {err}"
+                ) from None
 
 
 def trim_state_dict(state_dict: dict[str, Any], module: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
@@ -147,13 +168,9 @@ def install_load_hooks(module: nn.Module, fingerprint: Callable[[], dict[str, An
         if prefix + META_KEY not in state_dict:
             return
         meta = state_dict.pop(prefix + META_KEY)
-        if meta.get("kadapters"):
-            # The modules must exist before their weights load: this hook runs on the root before
-            # load_state_dict recurses into the children, so adapters added here are filled too.
-            try:
-                restore_kadapters(module, meta["kadapters"])
-            except ValueError as err:
-                raise AdapterCheckpointError(f"cannot restore the checkpoint's K-Adapters: {err}") from None
+        # The modules must exist before their weights load: this hook runs on the root before
+        # load_state_dict recurses into the children, so modules added here are filled too.
+        restore_records(module, meta)
         keys = {clean_key(k[len(prefix) :]) for k in state_dict if k.startswith(prefix)}
         validate_adapter_checkpoint(module, keys, meta, fingerprint())
 

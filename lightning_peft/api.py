@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,21 +23,20 @@ from torch import Tensor, nn
 
 from lightning_peft.config import TunerConfig
 from lightning_peft.layers import (
-    STATE_ATTR,
-    TRAINABLE_ATTR,
     Adapter,
     HookOwner,
     Mergeable,
     Restorable,
     iter_trainable_parameters,
     mark,
+    unmark,
 )
 from lightning_peft.targeting import find_modules
-from lightning_peft.tuners.bitfit import ORIGINAL_BIAS, UNRECORDED_BIAS, check_original_biases
 
 __all__ = [
     "CONFIG_ATTR",
     "ParamSummary",
+    "as_config",
     "disable_adapters",
     "get_config",
     "inject",
@@ -63,33 +62,63 @@ def get_config(model: nn.Module) -> TunerConfig | None:
     return None
 
 
-def inject(model: nn.Module, config: TunerConfig) -> list[str]:
+def inject(model: nn.Module, config: TunerConfig | Sequence[TunerConfig]) -> list[str]:
     """Inject ``config``'s tuner into ``model`` in place, then freeze everything but the tuner.
 
     Targets are wrapped where they are (the original module stays reachable as ``base_layer``), modules
     in ``config.modules_to_save`` become fully trainable, and every other parameter is frozen.
 
+    Args:
+        config: one tuner config, or a list of them: several tuners on one model (a
+            :class:`~lightning_peft.stack.TunerStack`), e.g. ``[LoRAConfig(...), BitFitConfig()]``. Two
+            members that want to wrap the same module are refused, naming it; nothing stays injected then.
+
     Returns:
-        The names of the modules the tuner changed.
+        The names of the modules the tuner(s) changed.
 
     Raises:
-        ValueError: ``model`` already has a tuner, or the config matches nothing (closest names listed).
+        ValueError: ``model`` already has a tuner, the config matches nothing (closest names listed), or
+            two stacked tuners collide.
     """
-    if not isinstance(config, TunerConfig):
-        raise TypeError(f"inject() takes a TunerConfig (e.g. LoRAConfig(...)), got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inject() takes an nn.Module as its first argument, got {type(model).__name__}")
+    config = as_config(config)
     existing = get_config(model)
     if existing is not None:
         raise ValueError(
             f"this model already has a {existing.method!r} tuner injected; a second inject() would wrap "
-            "the adapters themselves. Call lightning_peft.unload(model) first to remove it."
+            "the adapters themselves. Inject several tuners at once with inject(model, [config_a, "
+            "config_b]), or call lightning_peft.unload(model) first to remove it."
         )
-    changed = config.apply(model)
-    if config.modules_to_save:
-        for name in find_modules(model, config.modules_to_save, what="modules_to_save"):
-            mark(model.get_submodule(name))
+    try:
+        changed = config.apply(model)
+        for member in config.members():
+            if member.modules_to_save:
+                for name in find_modules(model, member.modules_to_save, what="modules_to_save"):
+                    mark(model.get_submodule(name))
+    except Exception:
+        if len(config.members()) > 1:  # take out what the members before the failing one injected
+            unload(model, merge_weights=False)
+        raise
     setattr(model, CONFIG_ATTR, config)
     mark_trainable(model)
     return changed
+
+
+def as_config(config: TunerConfig | Sequence[TunerConfig]) -> TunerConfig:
+    """One config for ``inject``: a config as is, a list as a :class:`~lightning_peft.stack.TunerStack`
+    (a one-element list as its element)."""
+    from lightning_peft.stack import TunerStack
+
+    if isinstance(config, TunerConfig):
+        return config
+    if isinstance(config, (list, tuple)):
+        if len(config) == 1 and isinstance(config[0], TunerConfig):
+            return config[0]
+        return TunerStack(configs=list(config))
+    raise TypeError(
+        f"inject() takes a TunerConfig (e.g. LoRAConfig(...)) or a list of them, got {type(config).__name__}"
+    )
 
 
 def mark_trainable(model: nn.Module) -> None:
@@ -209,28 +238,21 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 
     ``modules_to_save`` modules are trained in place and stay as trained.
     """
-    check_original_biases(model)
+    config = get_config(model)
     adapters = [m for m in model.modules() if isinstance(m, Adapter) and not m.disabled]
     remerge = [m for m in adapters if isinstance(m, Mergeable) and m.merged]
-    biased = [m for m in model.modules() if hasattr(m, ORIGINAL_BIAS)]
-    saved_bias = [m.bias.detach().clone() for m in biased]
-    try:
-        for m in remerge:
-            m.unmerge()
-        for m in adapters:
-            m.disabled = True
-        with torch.no_grad():
-            for m in biased:
-                m.bias.copy_(getattr(m, ORIGINAL_BIAS))
-        yield
-    finally:
-        for m in adapters:
-            m.disabled = False
-        for m in remerge:
-            m.merge()
-        with torch.no_grad():
-            for m, b in zip(biased, saved_bias, strict=True):
-                m.bias.copy_(b)
+    with config.disabled(model) if config is not None else contextlib.nullcontext():
+        try:
+            for m in remerge:
+                m.unmerge()
+            for m in adapters:
+                m.disabled = True
+            yield
+        finally:
+            for m in adapters:
+                m.disabled = False
+            for m in remerge:
+                m.merge()
 
 
 def unload(model: nn.Module, *, merge_weights: bool = True) -> nn.Module:
@@ -242,7 +264,8 @@ def unload(model: nn.Module, *, merge_weights: bool = True) -> nn.Module:
       P-tuning, K-Adapter, AdapterDrop's controller, prefix tuning) get ``remove_hooks()``, then
       ``restore()`` where they have one (e.g. the attention implementation they switched), and are
       deleted from their parent; wrappers that own hooks get ``remove_hooks()`` too.
-    * Markers, the stored config and BitFit's saved original biases go (BitFit's trained biases stay).
+    * Markers and the stored config go, and every tuner's :meth:`~lightning_peft.config.TunerConfig.remove`
+      runs (BitFit forgets its saved original biases; its trained biases stay).
 
     Afterwards the model has the base's modules, parameters, buffers and hooks, and computes what the base
     computes (with LoRA merged: the tuned function).
@@ -275,12 +298,12 @@ def unload(model: nn.Module, *, merge_weights: bool = True) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module.base_layer)
+    config = get_config(model)
+    if config is not None:
+        config.remove(model)
     for module in model.modules():
-        for attr in (TRAINABLE_ATTR, CONFIG_ATTR, STATE_ATTR, UNRECORDED_BIAS):
-            if attr in module.__dict__:
-                delattr(module, attr)
-        if ORIGINAL_BIAS in module._buffers:
-            del module._buffers[ORIGINAL_BIAS]
+        unmark(module)
+        module.__dict__.pop(CONFIG_ATTR, None)
     return model
 
 

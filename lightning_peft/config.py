@@ -7,6 +7,7 @@ a typo in a YAML recipe (``rank: 8`` for ``r: 8``) is an error, not a silently d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 from collections.abc import Callable, Iterable, Sequence
@@ -133,6 +134,28 @@ class TunerConfig:
     def apply(self, model: nn.Module) -> list[str]:
         """Inject this method into ``model`` in place; return the names of the modules it changed."""
         raise NotImplementedError(f"{type(self).__name__} does not implement apply()")
+
+    # -- optional protocol: what a tuner does beyond its modules (shared code calls these, never names a
+    # -- tuner). The defaults do nothing, which is right for every tuner that only adds modules.
+    def members(self) -> list[TunerConfig]:
+        """The configs this one injects: itself, or a :class:`~lightning_peft.stack.TunerStack`'s members."""
+        return [self]
+
+    def disabled(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """Extra work of :func:`lightning_peft.disable_adapters` for state the tuner changed in base modules
+        (BitFit puts the original biases back); adapter modules are switched off through ``disabled``."""
+        return contextlib.nullcontext()
+
+    def remove(self, model: nn.Module) -> None:
+        """Extra clean-up of :func:`lightning_peft.unload` (bookkeeping left on base modules)."""
+
+    def checkpoint_record(self, model: nn.Module) -> dict[str, Any] | None:
+        """JSON-safe facts an adapter-only checkpoint must carry to rebuild this tuner's modules beyond what
+        the config says (K-Adapter: knowledge adapters added after injection); ``None``: nothing."""
+        return None
+
+    def restore_record(self, model: nn.Module, record: dict[str, Any]) -> None:
+        """Rebuild modules from :meth:`checkpoint_record`'s output before a checkpoint's tensors load."""
 
     # -- serialisation --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

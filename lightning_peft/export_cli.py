@@ -32,11 +32,10 @@ from lightning_peft.config import TunerConfig, config_from_dict
 from lightning_peft.export import export_merged, export_peft
 from lightning_peft.export.hf_peft import save_extras
 from lightning_peft.fingerprint import base_fingerprint, compare_fingerprints
+from lightning_peft.layers import META_KEY
 from lightning_peft.targeting import matches
 
 __all__ = ["ExportError", "build_parser", "export_checkpoint", "main"]
-
-META_KEY = "__lightning_peft__"  # lightning_peft.callbacks.adapter_checkpoint.META_KEY (no Lightning import)
 
 
 class ExportError(RuntimeError):

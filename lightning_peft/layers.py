@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 __all__ = [
+    "META_KEY",
     "STATE_ATTR",
     "TRAINABLE_ATTR",
     "Adapter",
@@ -55,9 +56,13 @@ __all__ = [
     "remove_handles",
     "replace_module",
     "tuner_state_names",
+    "unmark",
 ]
 
 TRAINABLE_ATTR = "_lp_trainable"
+#: The key under which lightning-peft stores its metadata (tuner config, base fingerprint) in the files it
+#: writes: adapter-only checkpoints and named-adapter files.
+META_KEY = "__lightning_peft__"
 STATE_ATTR = "_lp_state"
 
 
@@ -135,6 +140,15 @@ def mark(module: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
         if current is True:
             return module
         setattr(module, TRAINABLE_ATTR, frozenset(current) | frozenset(names))
+    return module
+
+
+def unmark(module: nn.Module, *, state: bool = True) -> nn.Module:
+    """Undo :func:`mark` (and :func:`mark_state` with ``state``): ``module``'s own parameters are no longer
+    tuner state. Its submodules keep their marks."""
+    module.__dict__.pop(TRAINABLE_ATTR, None)
+    if state:
+        module.__dict__.pop(STATE_ATTR, None)
     return module
 
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lightning_peft.api import mark_trainable
 from lightning_peft.config import TunerConfig, config_from_dict
-from lightning_peft.layers import TRAINABLE_ATTR, Adapter, mark, replace_module
+from lightning_peft.layers import META_KEY, Adapter, mark, replace_module, unmark
 
 __all__ = [
     "AdapterStack",
@@ -56,12 +56,15 @@ NAMED_ATTR = "_lp_named_adapters"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 #: Metadata key of the PEFT callback's adapter-only checkpoints (callbacks/adapter_checkpoint.py).
-LIGHTNING_META_KEY = "__lightning_peft__"
+LIGHTNING_META_KEY = META_KEY
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
 class AdapterStack(nn.Module):
     """Runs ``base_layer``, then the active adapters (in order) or a fusion of them, on its output."""
+
+    #: Named adapters share one placement by design: targeting lets more of them in (not a collision).
+    shares_placement = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -197,7 +200,7 @@ def train_adapter(model: nn.Module, name: str) -> None:
             if adapter_name == name:
                 mark(adapter)
             else:
-                adapter.__dict__.pop(TRAINABLE_ATTR, None)
+                unmark(adapter, state=False)
     mark_trainable(model)
 
 

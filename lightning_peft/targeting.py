@@ -54,17 +54,43 @@ def block_index(name: str) -> int | None:
     return None
 
 
-def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Module names a tuner may target: not the root, not inside an already injected layer."""
+def _is_wrapper(module: nn.Module) -> bool:
+    """An injected layer that wraps a base layer (LoRA, a bottleneck adapter, ...)."""
+    return isinstance(module, Adapter) and hasattr(module, "base_layer")
+
+
+def _candidates(model: nn.Module, *, through_wrappers: bool = False) -> list[tuple[str, nn.Module]]:
+    """Module names a tuner may target: not the root, not inside an already injected layer (except, with
+    ``through_wrappers``, a wrapper's ``base_layer`` subtree: BitFit trains a LoRA-wrapped layer's bias)."""
     out: list[tuple[str, nn.Module]] = []
     inside: list[str] = []
+    reopened: list[str] = []
     for name, module in model.named_modules():
-        if not name or any(name.startswith(p) for p in inside):
+        if not name:
+            continue
+        if any(name.startswith(p) for p in inside) and not any(
+            name == r or name.startswith(r + ".") for r in reopened
+        ):
             continue
         if isinstance(module, Adapter) or getattr(module, TRAINABLE_ATTR, None) is True:
             inside.append(name + ".")
+            if through_wrappers and hasattr(module, "base_layer"):
+                reopened.append(name + ".base_layer")
         out.append((name, module))
     return out
+
+
+def _check_collisions(selected: list[tuple[str, nn.Module]], what: str) -> None:
+    """Refuse to wrap a module that another tuner already wraps (stacked tuners whose targets collide)."""
+    taken = [(n, m) for n, m in selected if _is_wrapper(m) and not getattr(m, "shares_placement", False)]
+    if taken:
+        name, module = taken[0]
+        more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+        raise ValueError(
+            f"{what} selects {name!r}{more}, which another tuner already wraps ({type(module).__name__}): "
+            "two tuners cannot adapt the same module. Give one of them target_modules/exclude_modules that "
+            "leave it out."
+        )
 
 
 def _no_match_error(model: nn.Module, what: str, pattern: Pattern, names: list[str]) -> ValueError:
@@ -94,6 +120,7 @@ def find_modules(
     layers: Sequence[int] | None = None,
     types: tuple[type[nn.Module], ...] | None = None,
     type_hint: str = "",
+    through_wrappers: bool = False,
 ) -> list[str]:
     """Names of the modules of ``model`` selected by ``pattern`` (in model order).
 
@@ -105,16 +132,21 @@ def find_modules(
         layers: keep only matches in these transformer blocks.
         types: when given, every match must be an instance of one of these (else a clear error).
         type_hint: what the tuner supports, for that error.
+        through_wrappers: also search the base layers inside injected wrappers (for tuners that change a
+            base layer in place instead of wrapping it, such as BitFit).
 
     Raises:
-        ValueError: nothing matched (closest names listed), or a match has an unsupported type.
+        ValueError: nothing matched (closest names listed), a match is already wrapped by another tuner, or
+            a match has an unsupported type.
     """
-    candidates = _candidates(model)
+    candidates = _candidates(model, through_wrappers=through_wrappers)
     names = [n for n, _ in candidates]
     if pattern == ALL_LINEAR:
         lin = linear_types()
         selected = [
-            (n, m) for n, m in candidates if isinstance(m, lin) and not (set(n.split(".")) & HEAD_NAMES)
+            (n, m)
+            for n, m in candidates
+            if isinstance(_innermost(m), lin) and not (set(n.split(".")) & HEAD_NAMES)
         ]
         if not selected:
             raise ValueError(f"{what}='all-linear' found no nn.Linear/Conv1D in {type(model).__name__}")
@@ -141,6 +173,8 @@ def find_modules(
         selected = [(n, m) for n, m in selected if block_index(n) in wanted]
     if not selected:
         raise ValueError(f"{what}={pattern!r}: every match was removed by exclude_modules/layers")
+    if not through_wrappers:
+        _check_collisions(selected, what)
     if types is not None:
         for n, m in selected:
             if not isinstance(m, types):
@@ -150,6 +184,12 @@ def find_modules(
                     f"layers instead, e.g. {', '.join(repr(c) for c in _leaf_examples(m, n, types))}."
                 )
     return [n for n, _ in selected]
+
+
+def _innermost(module: nn.Module) -> nn.Module:
+    while _is_wrapper(module):
+        module = module.base_layer
+    return module
 
 
 def _leaf_examples(module: nn.Module, name: str, types: tuple[type[nn.Module], ...]) -> list[str]:

@@ -44,6 +44,21 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     return AutoModel.from_config(config).eval()
 
 
+def unregistered_model() -> torch.nn.Module:
+    """A tiny Hugging Face model of a family with no registered layout (OPT)."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "opt",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ffn_dim=64,
+        word_embed_proj_dim=32,
+    )
+    return AutoModel.from_config(config).eval()
+
+
 def model_inputs(family: str, batch: int = 2, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, VOCAB, (batch, length), generator=g)
@@ -75,10 +90,10 @@ def perturb_trainable(model: torch.nn.Module, seed: int = 123, scale: float = 0.
 def routes_through_interface(family: str) -> bool:
     """Whether this transformers runs ``family``'s attention through ``AttentionInterface`` (5.x does for
     every tiny family; 4.57 not for BERT or T5): prefix keys enter there, so prefix tuning needs it."""
-    from lightning_peft.attention.swap import _routes_through_interface
+    from lightning_peft.attention.swap import routes_through_interface
 
     layer = next(m for m in tiny_model(family).modules() if "Attention" in type(m).__name__)
-    return _routes_through_interface(layer)
+    return routes_through_interface(layer)
 
 
 def needs_interface(family: str) -> pytest.MarkDecorator:

@@ -35,38 +35,57 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.config import register_tuner
-from lightning_peft.families import part_regex
 from lightning_peft.layers import Adapter, mark, remove_handles
+from lightning_peft.layouts import find_stacks, layout_of
 from lightning_peft.targeting import block_index, find_modules
-from lightning_peft.tuners.bottleneck import BottleneckConfig
-from lightning_peft.tuners.compacter import STYLE_PARTS
+from lightning_peft.tuners.bottleneck import BottleneckConfig, style_placements
 
 __all__ = ["AdapterDropConfig", "AdapterDropController", "adapted_blocks", "drop_lowest", "set_adapter_drop"]
 
 CONTROLLER_NAME = "adapter_drop"
 
 
-def adapted_blocks(model: nn.Module) -> list[tuple[int, str, list[nn.Module]]]:
-    """``(block index, block module name, adapter wrappers in it)`` for every block holding an adapter,
-    lowest first. The block module is the name prefix up to its index (``encoder.layer.3``)."""
-    blocks: dict[int, tuple[str, list[nn.Module]]] = {}
+def _block_names(model: nn.Module) -> list[str]:
+    """Every block of every stack, from the model's layout; for a model without one, the path prefixes up to
+    the first index of the injected wrappers' names (``encoder.layer.3``)."""
+    if layout_of(model) is not None:
+        return [name for stack in find_stacks(model) for name in stack.block_names()]
+    names = []
     for name, module in model.named_modules():
-        if isinstance(module, Adapter) and hasattr(module, "base_layer"):
-            index = block_index(name)
-            if index is None:
-                continue
+        if isinstance(module, Adapter) and hasattr(module, "base_layer") and block_index(name) is not None:
             parts = name.split(".")
-            block = ".".join(parts[: next(i for i, p in enumerate(parts) if p.isdigit()) + 1])
-            blocks.setdefault(index, (block, []))[1].append(module)
-    return [(i, *blocks[i]) for i in sorted(blocks)]
+            names.append(".".join(parts[: next(i for i, p in enumerate(parts) if p.isdigit()) + 1]))
+    return list(dict.fromkeys(names))
+
+
+def adapted_blocks(model: nn.Module) -> list[tuple[int, str, list[nn.Module]]]:
+    """``(depth, block module name, adapter wrappers in it)`` for every block holding an adapter, lowest
+    depth first. An encoder-decoder has a block of each depth in each stack (``encoder.block.0`` and
+    ``decoder.block.0``, both depth 0): dropping the lowest ``n`` drops them in every stack."""
+    entries = []
+    for order, block in enumerate(_block_names(model)):
+        wrappers = [
+            m
+            for n, m in model.named_modules()
+            if n.startswith(block + ".") and isinstance(m, Adapter) and hasattr(m, "base_layer")
+        ]
+        if wrappers:
+            entries.append((int(block.rpartition(".")[2]), order, block, wrappers))
+    return [(depth, block, wrappers) for depth, _, block, wrappers in sorted(entries, key=lambda e: e[:2])]
+
+
+def adapted_depths(blocks: list[tuple[int, str, list[nn.Module]]]) -> list[int]:
+    """The distinct depths of ``adapted_blocks`` (what ``n`` counts)."""
+    return sorted({depth for depth, _, _ in blocks})
 
 
 def _check_n(n: int, blocks: list[Any], what: str) -> None:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0 or n > len(blocks):
-        indices = f"{blocks[0][0]}..{blocks[-1][0]}" if blocks else "none"
+    depths = adapted_depths(blocks)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0 or n > len(depths):
+        indices = f"{depths[0]}..{depths[-1]}" if depths else "none"
         raise ValueError(
-            f"{what}={n!r}: cannot drop more layers than the model has adapted blocks ({len(blocks)}, "
-            f"indices {indices}); choose 0..{len(blocks)}"
+            f"{what}={n!r}: cannot drop more layers than the model has adapted blocks ({len(depths)}, "
+            f"indices {indices}); choose 0..{len(depths)}"
         )
 
 
@@ -75,7 +94,8 @@ def drop_lowest(model: nn.Module, n: int) -> Iterator[None]:
     """Within the block, adapters of the lowest ``n`` adapted blocks are off (any adapter model)."""
     blocks = adapted_blocks(model)
     _check_n(n, blocks, "drop_lowest(n)")
-    switched = [w for _, _, ws in blocks[:n] for w in ws if not w.disabled]
+    dropped = set(adapted_depths(blocks)[:n])
+    switched = [w for depth, _, ws in blocks if depth in dropped for w in ws if not w.disabled]
     try:
         for w in switched:
             w.disabled = True
@@ -102,14 +122,17 @@ class AdapterDropController(nn.Module):
         self.eval_drop = 0
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # saved: resumable draws
         self.last_drop = 0
-        # Plain attributes (not submodules): the blocks and wrappers belong to the model.
-        self._blocks = [(block, wrappers) for _, block, wrappers in adapted_blocks(model)]
+        # Plain attributes (not submodules): the blocks and wrappers belong to the model. Entries are
+        # (rank of the block's depth among adapted depths, block name, wrappers); hooks key by position.
+        blocks = adapted_blocks(model)
+        rank = {depth: r for r, depth in enumerate(adapted_depths(blocks))}
+        self._blocks = [(rank[depth], block, wrappers) for depth, block, wrappers in blocks]
         self._saved: dict[int, list[bool]] = {}
         self._cut = 0
         # Partials of bound methods (not closures): a deep copy of the model rebinds them to the copied
         # controller, where a closure would keep driving the original one.
         self._handles: list[RemovableHandle] = []
-        for i, (block, _) in enumerate(self._blocks):
+        for i, (_, block, _) in enumerate(self._blocks):
             module = model.get_submodule(block)
             pre = functools.partial(self._pre_hook, i)
             self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
@@ -132,23 +155,23 @@ class AdapterDropController(nn.Module):
         return int(torch.randint(0, self.max_drop + 1, (1,), generator=g))
 
     def _pre_hook(self, i: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if i == 0 and self.robust:
+        if i == 0 and self.robust:  # the first adapted block of the forward draws for every stack
             self._cut = self.last_drop = self._draw() if module.training else self.eval_drop
-        if i < self._cut:
+        rank, _, wrappers = self._blocks[i]
+        if rank < self._cut:
             # Switch this block's adapters off for this call only (restored by the post-hook), so the
             # drop never fights other users of ``disabled`` such as disable_adapters().
-            wrappers = self._blocks[i][1]
             self._saved[i] = [w.disabled for w in wrappers]
             for w in wrappers:
                 w.disabled = True
-        elif i == self._cut:  # the lowest block with active adapters: nothing below needs gradients
+        elif rank == self._cut:  # the lowest block with active adapters: nothing below needs gradients
             return _detach_hidden(args, kwargs)
         return None
 
     def _post_hook(self, i: int, module: nn.Module, args: Any, output: Any) -> None:
         saved = self._saved.pop(i, None)
         if saved is not None:
-            for w, flag in zip(self._blocks[i][1], saved, strict=True):
+            for w, flag in zip(self._blocks[i][2], saved, strict=True):
                 w.disabled = flag
 
 
@@ -195,13 +218,9 @@ class AdapterDropConfig(BottleneckConfig):
             raise ValueError("AdapterDropConfig: give drop_layers (the lowest blocks to drop), not layers")
 
     def apply(self, model: nn.Module) -> list[str]:
-        if self.target_modules is None:
-            owner = "AdapterDropConfig"
-            targets: list[str] | str = "|".join(
-                f"(?:{part_regex(model, p, owner=owner)})" for p in STYLE_PARTS[self.style]
-            )
-        else:
-            targets = self.target_modules
+        targets = self.target_modules
+        if targets is None:
+            targets = style_placements(model, self.style, owner="AdapterDropConfig")
         found = find_modules(model, targets, exclude=self.exclude_modules)
         blocks = sorted({i for i in map(block_index, found) if i is not None})
         kept = blocks

@@ -11,14 +11,17 @@ no bias values at injection: call :func:`record_original_biases` once its base w
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from lightning_peft.config import TunerConfig, check_choice, register_tuner
-from lightning_peft.families import part_regex
 from lightning_peft.layers import mark
-from lightning_peft.targeting import find_modules, matches
+from lightning_peft.layouts import block_part_names
+from lightning_peft.targeting import find_modules
 
 __all__ = [
     "ORIGINAL_BIAS",
@@ -37,6 +40,13 @@ _GROUPS = ("all", "attention", "ffn", "layernorm")
 
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
+
+
+def _unwrapped(name: str) -> str:
+    """A module's name as the layout knows it: ``...query`` for ``...query.base_layer`` (wrapped by LoRA)."""
+    while name.endswith(".base_layer"):
+        name = name[: -len(".base_layer")]
+    return name
 
 
 @register_tuner("bitfit")
@@ -67,11 +77,17 @@ class BitFitConfig(TunerConfig):
     def apply(self, model: nn.Module) -> list[str]:
         groups = {self.biases} if isinstance(self.biases, str) else set(self.biases)
         pattern = self.target_modules if self.target_modules is not None else r".+"
-        names = find_modules(model, pattern, exclude=self.exclude_modules, layers=self.layers)
-        regexes = {
-            g: part_regex(model, g, owner=f"BitFitConfig(biases={g!r})")
+        # through_wrappers: a layer another tuner wrapped (LoRA) keeps its bias on its base_layer.
+        names = find_modules(
+            model, pattern, exclude=self.exclude_modules, layers=self.layers, through_wrappers=True
+        )
+        parts = {"attention": "attention_projections", "ffn": "ffn_projections"}
+        owner = f"BitFitConfig(biases={self.biases!r})"
+        grouped = {
+            n
             for g in ("attention", "ffn")
             if g in groups
+            for n in block_part_names(model, parts[g], owner=owner)
         }
         chosen: list[str] = []
         for name in names:
@@ -82,8 +98,7 @@ class BitFitConfig(TunerConfig):
             ):
                 continue
             if "all" in groups or (
-                ("layernorm" in groups and _is_norm(module))
-                or any(matches(name, rx) for rx in regexes.values())
+                ("layernorm" in groups and _is_norm(module)) or _unwrapped(name) in grouped
             ):
                 if bias.is_meta:  # no values yet: to_empty() would leave a copy as uninitialised memory
                     setattr(module, UNRECORDED_BIAS, True)
@@ -94,6 +109,29 @@ class BitFitConfig(TunerConfig):
         if not chosen:
             raise ValueError(f"BitFitConfig(biases={self.biases!r}) found no bias parameter to train")
         return chosen
+
+    # -- the optional tuner protocol (lightning_peft.config.TunerConfig) ---------------------------------
+    @contextlib.contextmanager
+    def disabled(self, model: nn.Module) -> Iterator[None]:
+        """The base model's biases while the block runs (trained ones restored on exit)."""
+        check_original_biases(model)
+        biased = [m for m in model.modules() if hasattr(m, ORIGINAL_BIAS)]
+        trained = [m.bias.detach().clone() for m in biased]
+        try:
+            with torch.no_grad():
+                for m in biased:
+                    m.bias.copy_(getattr(m, ORIGINAL_BIAS))
+            yield
+        finally:
+            with torch.no_grad():
+                for m, b in zip(biased, trained, strict=True):
+                    m.bias.copy_(b)
+
+    def remove(self, model: nn.Module) -> None:
+        """Forget the recorded originals (``unload``); the trained biases stay in the base layers."""
+        for module in model.modules():
+            module.__dict__.pop(UNRECORDED_BIAS, None)
+            module._buffers.pop(ORIGINAL_BIAS, None)
 
 
 def record_original_biases(model: nn.Module) -> list[str]:

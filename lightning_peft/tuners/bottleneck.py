@@ -11,7 +11,7 @@ N(0, 1e-2) for both projections instead).
   paper.
 * ``style="pfeiffer"``: one adapter per block, after the FFN output projection.
 
-Placement comes from :mod:`lightning_peft.families` for known Hugging Face models, or from
+Placement comes from :mod:`lightning_peft.layouts` for known Hugging Face models, or from
 ``target_modules`` for any other model (the adapter is applied to that module's output).
 """
 
@@ -23,7 +23,6 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
-from lightning_peft.families import part_regex
 from lightning_peft.layers import (
     BaseLayerWrapper,
     NormalInitLinear,
@@ -31,6 +30,7 @@ from lightning_peft.layers import (
     mark,
     replace_module,
 )
+from lightning_peft.layouts import block_part_names
 from lightning_peft.targeting import find_modules
 
 __all__ = [
@@ -49,11 +49,17 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
     "tanh": nn.Tanh,
 }
-#: Where each style puts adapters (parts of :class:`lightning_peft.families.BlockParts`).
+#: Where each style puts adapters (parts of :class:`lightning_peft.layouts.BlockLayout`).
 STYLE_PARTS: dict[str, tuple[str, ...]] = {
     "houlsby": ("attention_output", "ffn_output"),
     "pfeiffer": ("ffn_output",),
 }
+
+
+def style_placements(model: nn.Module, style: str, *, owner: str) -> list[str]:
+    """Qualified names of the modules whose outputs get an adapter of ``style``, from the model's layout
+    (:mod:`lightning_peft.layouts`), in model order."""
+    return block_part_names(model, STYLE_PARTS[style], owner=owner)
 
 
 @register_tuner("bottleneck")
@@ -101,13 +107,9 @@ class BottleneckConfig(TunerConfig):
 
     def placements(self, model: nn.Module) -> list[str]:
         """Names of the modules whose outputs get an adapter (family parts or ``target_modules``)."""
-        if self.target_modules is None:
-            owner = type(self).__name__
-            targets: list[str] | str = "|".join(
-                f"(?:{part_regex(model, p, owner=owner)})" for p in STYLE_PARTS[self.style]
-            )
-        else:
-            targets = self.target_modules
+        targets = self.target_modules
+        if targets is None:
+            targets = style_placements(model, self.style, owner=type(self).__name__)
         return find_modules(model, targets, exclude=self.exclude_modules, layers=self.layers)
 
     def build_adapters(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -134,10 +136,8 @@ class BottleneckConfig(TunerConfig):
         if self.train_layer_norms:
             norms = self.layer_norm_modules
             if norms is None:
-                norms = "|".join(
-                    f"(?:{part_regex(model, p, owner='BottleneckConfig.train_layer_norms')})"
-                    for p in ("attention_norm", "ffn_norm")
-                )
+                owner = "BottleneckConfig.train_layer_norms"
+                norms = block_part_names(model, ("attention_norm", "ffn_norm"), owner=owner)
             for name in find_modules(model, norms, what="layer_norm_modules", layers=self.layers):
                 mark(model.get_submodule(name))
         return names

@@ -31,10 +31,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
-from lightning_peft.families import part_regex
 from lightning_peft.layers import mark, replace_module
 from lightning_peft.targeting import find_modules
-from lightning_peft.tuners.bottleneck import ACTIVATIONS, STYLE_PARTS, AdapterAfter, output_width
+from lightning_peft.tuners.bottleneck import (
+    ACTIVATIONS,
+    STYLE_PARTS,
+    AdapterAfter,
+    output_width,
+    style_placements,
+)
 
 __all__ = [
     "CompacterAdapter",
@@ -271,13 +276,9 @@ class CompacterConfig(TunerConfig):
 
     def placements(self, model: nn.Module) -> list[str]:
         """Module names whose outputs get an adapter."""
-        if self.target_modules is None:
-            owner = type(self).__name__
-            targets: list[str] | str = "|".join(
-                f"(?:{part_regex(model, p, owner=owner)})" for p in STYLE_PARTS[self.style]
-            )
-        else:
-            targets = self.target_modules
+        targets = self.target_modules
+        if targets is None:
+            targets = style_placements(model, self.style, owner=type(self).__name__)
         return find_modules(model, targets, exclude=self.exclude_modules, layers=self.layers)
 
     def build_adapters(self, model: nn.Module) -> dict[str, nn.Module]:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.config import TunerConfig, check_positive, register_tuner
-from lightning_peft.layers import TRAINABLE_ATTR, IdentityInitLinear, NormalInitLinear, mark
+from lightning_peft.layers import IdentityInitLinear, NormalInitLinear, mark, unmark
 from lightning_peft.named import (
     add_adapter,
     list_adapters,
@@ -121,7 +121,7 @@ def add_fusion(model: nn.Module, names: Sequence[str], *, temperature: float = 1
                 )
     for _, stack in stacks(model):
         for adapter in stack.adapters.values():
-            adapter.__dict__.pop(TRAINABLE_ATTR, None)
+            unmark(adapter, state=False)
     for placement, stack in placements:
         fusion = AdapterFusion(output_width(stack, placement), names, temperature=temperature)
         stack.fusion = fusion.to(device=stack.weight.device, dtype=stack.weight.dtype)

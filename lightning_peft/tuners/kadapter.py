@@ -51,8 +51,10 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.utils.hooks import RemovableHandle
 
+from lightning_peft.api import mark_trainable
 from lightning_peft.config import TunerConfig, check_positive, config_from_dict, register_tuner
-from lightning_peft.layers import TRAINABLE_ATTR, NormalInitLinear, mark, mark_state, remove_handles
+from lightning_peft.layers import TRAINABLE_ATTR, NormalInitLinear, mark, mark_state, remove_handles, unmark
+from lightning_peft.layouts import find_hf_model, find_stacks
 from lightning_peft.targeting import find_modules
 
 __all__ = [
@@ -224,30 +226,19 @@ class KAdapterSet(nn.Module):
 
 
 # -- finding the model and its blocks ----------------------------------------------------------------
-def _hf_model(root: nn.Module) -> tuple[str, nn.Module]:
-    for name, module in root.named_modules():
-        config = getattr(module, "config", None)
-        if isinstance(getattr(config, "model_type", None), str):
-            return name, module
-    raise ValueError(
-        "KAdapterConfig: no Hugging Face model (a module with a .config) found in "
-        f"{type(root).__name__}; K-Adapter reads the hidden states of a transformer's blocks"
-    )
-
-
 def _blocks(model: nn.Module, config: KAdapterConfig) -> list[str]:
     if config.target_modules is not None:
         return find_modules(
             model, config.target_modules, exclude=config.exclude_modules, what="target_modules"
         )
-    depth = getattr(model.config, "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == depth and len(module):
-            return [f"{name}.{i}" for i in range(len(module))]
-    raise ValueError(
-        f"KAdapterConfig: cannot find the {depth} transformer blocks of {type(model).__name__}; pass "
-        "target_modules=[...] with the block module names (e.g. 'encoder.layer.0', ...)"
-    )
+    stacks = find_stacks(model, owner="KAdapterConfig")
+    if len(stacks) != 1 or stacks[0].layout.shared_depth:
+        raise ValueError(
+            f"KAdapterConfig: {type(model).__name__} has {len(stacks)} block stacks"
+            f"{' (one layer shared across depth)' if stacks and stacks[0].layout.shared_depth else ''}; "
+            "K-Adapter reads the blocks of one stack: pass target_modules=[...] with the block module names"
+        )
+    return stacks[0].block_names()
 
 
 def default_layers(depth: int) -> list[int]:
@@ -272,9 +263,7 @@ def add_kadapter(root: nn.Module, config: KAdapterConfig) -> list[str]:
     The first call (what ``inject(model, KAdapterConfig(...))`` does) installs the hooks; later calls add
     more adapters, independent of the earlier ones, which are frozen. Returns the base blocks it reads.
     """
-    from lightning_peft.api import mark_trainable
-
-    prefix, model = _hf_model(root)
+    prefix, model = find_hf_model(root, owner="KAdapterConfig")
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(
             "KAdapterConfig supports encoder-only and decoder-only models; in an encoder-decoder the output "
@@ -328,8 +317,6 @@ def train_kadapter(root: nn.Module, name: str | None) -> None:
 
     ``modules_to_save`` (e.g. the task head) stay as they are; the base stays frozen.
     """
-    from lightning_peft.api import mark_trainable
-
     kset = _require_kset(root)
     if name is not None and name not in kset.adapters:
         raise ValueError(f"unknown knowledge adapter {name!r}; this model has: {list(kset.adapters)}")
@@ -337,7 +324,7 @@ def train_kadapter(root: nn.Module, name: str | None) -> None:
         if adapter_name == name:
             mark(adapter)
         else:
-            adapter.__dict__.pop(TRAINABLE_ATTR, None)
+            unmark(adapter, state=False)
     mark_trainable(root)
 
 
@@ -465,3 +452,10 @@ class KAdapterConfig(TunerConfig):
         if _kset(model) is not None:
             raise ValueError("this model already has K-Adapters: add more with add_kadapter(model, config)")
         return add_kadapter(model, self)
+
+    # -- the optional tuner protocol: adapters added after injection travel in checkpoint metadata ------
+    def checkpoint_record(self, model: nn.Module) -> dict[str, Any] | None:
+        return kadapter_record(model)
+
+    def restore_record(self, model: nn.Module, record: dict[str, Any]) -> None:
+        restore_kadapters(model, record)

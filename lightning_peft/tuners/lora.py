@@ -21,26 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
-from lightning_peft.families import detect_family
 from lightning_peft.layers import BaseLayerWrapper, NormalInitLinear, ZeroInitLinear, mark, replace_module
+from lightning_peft.layouts import layout_of
 from lightning_peft.targeting import find_modules, linear_types
 
 __all__ = ["LoRAConfig", "LoRAEmbedding", "LoRALinear"]
-
-#: Default targets when ``target_modules`` is None: the attention query and value projections.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-    "gpt2": ["c_attn"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-}
 
 
 @register_tuner("lora")
@@ -83,13 +68,14 @@ class LoRAConfig(TunerConfig):
     def apply(self, model: nn.Module) -> list[str]:
         targets = self.target_modules
         if targets is None:
-            family = detect_family(model)
-            if family not in DEFAULT_TARGETS:
+            layout = layout_of(model)
+            if layout is None:
                 raise ValueError(
-                    f"LoRAConfig.target_modules is None and model family {family!r} has no default; "
-                    "pass target_modules=[...] (e.g. ['query', 'value']) or 'all-linear'"
+                    "LoRAConfig.target_modules is None and the model's family has no registered layout; "
+                    "pass target_modules=[...] (e.g. ['query', 'value']) or 'all-linear', or register the "
+                    "family with lightning_peft.layouts.register_layout"
                 )
-            targets = DEFAULT_TARGETS[family]
+            targets = list(layout.lora_targets)
         types = (*linear_types(), nn.Embedding)
         names = find_modules(
             model,

@@ -44,15 +44,16 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.attention.base import available_attention, get_attention
 from lightning_peft.attention.swap import (
-    _padding_mask_function,
-    _repeat_kv,
-    _routes_through_interface,
-    _variant_attention,
     key_padding_from_mask,
+    padding_mask_function,
+    repeat_kv,
+    routes_through_interface,
     swapped,
+    variant_attention,
 )
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
 from lightning_peft.layers import mark, remove_handles
+from lightning_peft.layouts import find_stacks
 from lightning_peft.tuners.prompt import (
     PROMPT_ATTR,
     _cache_length,
@@ -66,18 +67,6 @@ __all__ = ["PREFIX_KEY", "PrefixEncoder", "PrefixTuningConfig", "fold_prefix", "
 
 PREFIX_KEY = "lightning_peft_prefix"
 _LAYER_ATTR = "_lp_prefix"
-
-# model_type -> self-attention class names; always causal?
-_ATTENTION: dict[str, tuple[tuple[str, ...], bool]] = {
-    "bert": (("BertSelfAttention", "BertSdpaSelfAttention"), False),
-    "roberta": (("RobertaSelfAttention", "RobertaSdpaSelfAttention"), False),
-    "gpt2": (("GPT2Attention",), True),
-    "llama": (("LlamaAttention",), True),
-    "mistral": (("MistralAttention",), True),
-    "qwen2": (("Qwen2Attention",), True),
-    "t5": (("T5Attention",), False),
-    "mt5": (("MT5Attention",), False),
-}
 
 #: Attention sites of an encoder-decoder model (Li & Liang's three prefixes).
 SITES = ("encoder_self", "decoder_self", "cross")
@@ -247,9 +236,9 @@ def _prefix_attention(
     if module._modules.get("attention_variant") is not None:  # a swapped variant takes num_prefix keys
         if position_bias is not None:
             raise NotImplementedError("a swapped attention variant cannot add a relative position bias")
-        return _variant_attention(module, query, key, value, padding, scaling, dropout, **kwargs)
+        return variant_attention(module, query, key, value, padding, scaling, dropout, **kwargs)
     groups = int(getattr(module, "num_key_value_groups", 1))
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     tq, tk = query.shape[2], key.shape[2]
     mask = None if padding is None else padding[:, None, None, :]  # (B, 1, 1, Tk)
     causal = site.causal if site is not None else bool(getattr(module, "is_causal", False))
@@ -276,7 +265,7 @@ def _register() -> None:
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(PREFIX_KEY, _prefix_attention)
-    AttentionMaskInterface.register(PREFIX_KEY, _padding_mask_function)
+    AttentionMaskInterface.register(PREFIX_KEY, padding_mask_function)
 
 
 def _check_swap(root: nn.Module) -> None:
@@ -293,13 +282,6 @@ def _check_swap(root: nn.Module) -> None:
         )
 
 
-def _site_of(path: str, module: nn.Module) -> str:
-    """``encoder_self`` / ``decoder_self`` / ``cross`` for an attention module of an encoder-decoder model."""
-    if path.rsplit(".", 1)[-1] == "EncDecAttention" or getattr(module, "is_cross_attention", False):
-        return "cross"
-    return "decoder_self" if getattr(module, "is_decoder", False) else "encoder_self"
-
-
 def _bias_owner(root: nn.Module, path: str) -> nn.Module | None:
     """The module holding the relative position bias table of ``path``'s stack (T5: block 0's
     self-attention; the other layers reuse its bias), or ``None`` when the model has none."""
@@ -311,23 +293,35 @@ def _bias_owner(root: nn.Module, path: str) -> nn.Module | None:
 
 
 def _attention_sites(
-    root: nn.Module, names: tuple[str, ...], sites: tuple[str, ...] | None, owner: str
-) -> list[tuple[str, nn.Module, str]]:
-    """``(path, module, site)`` of every attention module that gets a prefix, in model order."""
-    found = [(p, m) for p, m in root.named_modules() if type(m).__name__ in names]
-    if not getattr(root.config, "is_encoder_decoder", False):
-        if sites is not None:
-            raise ValueError(
-                f"{owner}.sites applies to encoder-decoder models; {type(root).__name__} has one stack: "
-                "leave sites=None (every self-attention layer gets a prefix)"
-            )
-        return [
-            (p, m, "self")
-            for p, m in found
-            if "crossattention" not in p and not getattr(m, "is_cross_attention", 0)
-        ]
+    root: nn.Module, sites: tuple[str, ...] | None, owner: str
+) -> list[tuple[str, nn.Module, str, bool]]:
+    """``(path, module, site, causal)`` of every attention module that gets a prefix, in model order: each
+    block's self-attention, then its cross-attention (encoder-decoders), from the model's layout."""
+    stacks = find_stacks(root, owner=owner)
+    encoder_decoder = bool(getattr(root.config, "is_encoder_decoder", False))
+    if not encoder_decoder and sites is not None:
+        raise ValueError(
+            f"{owner}.sites applies to encoder-decoder models; {type(root).__name__} has one stack: "
+            "leave sites=None (every self-attention layer gets a prefix)"
+        )
     chosen = SITES if sites is None else sites
-    return [(p, m, site) for p, m in found if (site := _site_of(p, m)) in chosen]
+    found = []
+    for stack in stacks:
+        layout = stack.layout.block
+        self_site = f"{stack.role}_self" if encoder_decoder else "self"
+        for block_name, block in zip(stack.block_names(), stack.blocks, strict=True):
+            attention = block.get_submodule(layout.attention)
+            if type(attention).__name__ not in layout.attention_classes:
+                raise ValueError(
+                    f"{owner}: {block_name}.{layout.attention} is a {type(attention).__name__}, not the "
+                    f"attention the layout names ({', '.join(layout.attention_classes)}); was it replaced?"
+                )
+            if self_site == "self" or self_site in chosen:
+                found.append((f"{block_name}.{layout.attention}", attention, self_site, stack.causal))
+            if layout.cross_attention and "cross" in chosen:
+                path = f"{block_name}.{layout.cross_attention}"
+                found.append((path, block.get_submodule(layout.cross_attention), "cross", False))
+    return found
 
 
 def inject_prefix(
@@ -346,20 +340,13 @@ def inject_prefix(
     """
     root = hf_root(model, owner, encoder_decoder=True)
     config = root.config
-    family = config.model_type
-    if family not in _ATTENTION:
-        raise ValueError(
-            f"{owner}: prefix keys enter each layer's attention through transformers' AttentionInterface, "
-            f"which is wired for {', '.join(sorted(_ATTENTION))}; model family {family!r} cannot take them"
-        )
     if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
         raise ValueError(
             f"{owner}: relative position scores (position_embedding_type) cannot cover prefix keys"
         )
-    names, always_causal = _ATTENTION[family]
-    found = _attention_sites(root, names, sites, owner)
-    layers = [m for _, m, _ in found]
-    if not layers or not all(_routes_through_interface(m) for m in layers):
+    found = _attention_sites(root, sites, owner)
+    layers = [m for _, m, _, _ in found]
+    if not layers or not all(routes_through_interface(m) for m in layers):
         raise ValueError(
             f"{owner}: {type(root).__name__}'s attention does not run through AttentionInterface "
             "(transformers too old for this family?)"
@@ -378,16 +365,13 @@ def inject_prefix(
     weight = root.get_input_embeddings().weight
     encoder.to(device=weight.device, dtype=weight.dtype)
     encoder.shift_positions = shift_positions
-    encoder.causal = always_causal or bool(getattr(config, "is_decoder", False))
+    encoder.causal = any(causal for _, _, site, causal in found if site == "self")
     encoder.relative_positions = any(hasattr(m, "relative_attention_bias") for m in root.modules())
     root.add_module(PROMPT_ATTR, encoder)
-    for i, (path, layer, site) in enumerate(found):
-        if site == "self":
-            entry = _Site(encoder, i, encoder.causal)
-        else:  # encoder-decoder: causality and the bias table belong to the site
-            owner_module = None if site == "cross" else _bias_owner(root, path)
-            entry = _Site(encoder, i, bool(getattr(layer, "is_causal", False)), owner_module)
-        layer.__dict__[_LAYER_ATTR] = entry  # a plain reference: the parameters live on the root
+    for i, (path, layer, site, causal) in enumerate(found):
+        # encoder-decoder: causality and the bias table belong to the site; cross-attention has no bias
+        bias_owner = None if site in ("self", "cross") else _bias_owner(root, path)
+        layer.__dict__[_LAYER_ATTR] = _Site(encoder, i, causal, bias_owner)  # plain reference: no submodule
         encoder._layers.append(layer)
     encoder._handles.append(root.register_forward_pre_hook(encoder.shift, with_kwargs=True))
     _register()  # a variant swapped in before (INTERFACE_KEY) is reached from inside the wrapper

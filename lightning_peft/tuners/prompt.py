@@ -40,6 +40,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
 from lightning_peft.layers import mark, remove_handles
+from lightning_peft.layouts import find_hf_model
 
 __all__ = ["PromptEmbedding", "PromptTuningConfig", "VirtualTokens", "attach_virtual_tokens", "hf_root"]
 
@@ -51,20 +52,14 @@ def hf_root(model: nn.Module, owner: str, *, encoder_decoder: bool = False) -> n
     """The outermost Hugging Face model inside ``model`` (itself or a child): the module to hook.
 
     Encoder-decoder models are refused unless ``encoder_decoder`` (the caller handles them)."""
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if isinstance(getattr(config, "model_type", None), str) and callable(
-            getattr(module, "get_input_embeddings", None)
-        ):
-            if getattr(config, "is_encoder_decoder", False) and not encoder_decoder:
-                raise ValueError(
-                    f"{owner}: encoder-decoder models ({config.model_type}) are not supported by this method"
-                )
-            return module
-    raise ValueError(
-        f"{owner} needs a Hugging Face transformer (a module with .config and .get_input_embeddings()) "
-        f"inside {type(model).__name__}"
-    )
+    _, root = find_hf_model(model, owner=owner)
+    if not callable(getattr(root, "get_input_embeddings", None)):
+        raise ValueError(f"{owner} needs a transformer with input embeddings; {type(root).__name__} has none")
+    if getattr(root.config, "is_encoder_decoder", False) and not encoder_decoder:
+        raise ValueError(
+            f"{owner}: encoder-decoder models ({root.config.model_type}) are not supported by this method"
+        )
+    return root
 
 
 def check_prompt_fields(config: TunerConfig, owner: str) -> None:

@@ -48,8 +48,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
-from lightning_peft.families import detect_family, part_regex
 from lightning_peft.layers import ZeroInitLinear, mark, remove_handles, replace_module
+from lightning_peft.layouts import block_part_names, find_stacks, resolve_path
 from lightning_peft.targeting import find_modules
 from lightning_peft.tuners.bottleneck import ACTIVATIONS, AdapterAfter, BottleneckAdapter, _output_width
 from lightning_peft.tuners.lora import LoRAConfig
@@ -70,32 +70,25 @@ SITES = ("attention", "attention_heads", "ffn")
 INSERTIONS = ("sequential", "parallel")
 COMPOSITIONS = ("add", "scaled_add", "gated_add")
 
-# The first projection reading each sub-layer's input, per family (the parallel branch reads the same x).
-_INPUTS: dict[str, dict[str, str]] = {
-    "bert": {
-        "attention": r"encoder\.layer\.\d+\.attention\.self\.query",
-        "ffn": r"encoder\.layer\.\d+\.intermediate\.dense",
-    },
-    "gpt2": {"attention": r"h\.\d+\.attn\.c_attn", "ffn": r"h\.\d+\.mlp\.c_fc"},
-    "llama": {"attention": r"layers\.\d+\.self_attn\.q_proj", "ffn": r"layers\.\d+\.mlp\.gate_proj"},
-    "t5": {  # encoder and decoder blocks; the FFN's (first) input projection is wi, or wi_0 when gated
-        "attention": r"(encoder|decoder)\.block\.\d+\.layer\.0\.SelfAttention\.q",
-        "ffn": r"(encoder|decoder)\.block\.\d+\.layer\.\d+\.DenseReluDense\.wi(_0)?",
-    },
-}
-_INPUTS.update({f: _INPUTS["bert"] for f in ("roberta", "xlm-roberta", "camembert", "electra")})
-_INPUTS.update({f: _INPUTS["llama"] for f in ("mistral", "qwen2")})
-_INPUTS["mt5"] = _INPUTS["t5"]
+
+def _sub_layer_inputs(model: nn.Module, site: str) -> dict[str, str]:
+    """``{block name: module}`` of the first projection reading each block's ``site`` sub-layer input (the
+    query projection, or the FFN's input projection): a parallel branch reads the same ``x``. Blocks are
+    keyed by path, so an encoder-decoder's encoder and decoder blocks stay apart."""
+    out: dict[str, str] = {}
+    for stack in find_stacks(model, owner="UnifiedConfig"):
+        layout = stack.layout.block
+        rel = f"{layout.attention}.{layout.query}" if site == "attention" else layout.ffn_input
+        for block_name, block in zip(stack.block_names(), stack.blocks, strict=True):
+            found = resolve_path(block, rel)
+            if found is not None:
+                out[block_name] = f"{block_name}.{found}"
+    return out
 
 
-def _block_key(name: str) -> str | None:
-    """The block a module belongs to, by path up to its first index (``encoder.block.0``): unlike a
-    bare block number it keeps an encoder-decoder's encoder and decoder blocks apart."""
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return None
+def _block_of(name: str, blocks: dict[str, str]) -> str:
+    """The block (a key of ``blocks``) that module ``name`` sits in."""
+    return max((b for b in blocks if name.startswith(b + ".")), key=len)
 
 
 @dataclass(kw_only=True)
@@ -350,27 +343,16 @@ def _num_heads(model: nn.Module) -> int:
     raise ValueError("UnifiedConfig: at='attention_heads' needs a model whose config has num_attention_heads")
 
 
-def _regex(model: nn.Module, part: str) -> str:
-    return part_regex(model, part, owner="UnifiedConfig")
-
-
 def _bottleneck(model: nn.Module, point: DesignPoint, layers: list[int] | None) -> list[str]:
     part = "ffn_output" if point.at == "ffn" else "attention_output"
-    sinks = find_modules(model, _regex(model, part), layers=layers)
-    sources: dict[str | None, str] = {}
-    site = "ffn" if point.at == "ffn" else "attention"
+    sinks = find_modules(model, block_part_names(model, part, owner="UnifiedConfig"), layers=layers)
+    sources: dict[str, str] = {}
     if point.insertion == "parallel":
-        family = detect_family(model)
-        if family not in _INPUTS:
-            raise ValueError(
-                f"UnifiedConfig: parallel insertion knows the sub-layer inputs of {sorted(_INPUTS)} only"
-            )
-        pattern = r"(?:.*\.)?" + _INPUTS[family][site]
-        sources = {_block_key(n): n for n in find_modules(model, pattern, layers=layers)}
+        sources = _sub_layer_inputs(model, "ffn" if point.at == "ffn" else "attention")
     for name in sinks:
         base = model.get_submodule(name)
         if point.at == "attention_heads":
-            _multi_head(model, point, name, sources[_block_key(name)])
+            _multi_head(model, point, name, sources[_block_of(name, sources)])
             continue
         d = _output_width(base, name)
         m = point.bottleneck_size or max(1, int(d // point.reduction_factor))
@@ -390,7 +372,7 @@ def _bottleneck(model: nn.Module, point: DesignPoint, layers: list[int] | None) 
             continue
         wrapper = ParallelAdapter(base, branch)
         replace_module(model, name, wrapper)
-        source = model.get_submodule(sources[_block_key(name)])
+        source = model.get_submodule(sources[_block_of(name, sources)])
         wrapper._handles.append(source.register_forward_pre_hook(wrapper.capture, with_kwargs=True))
     return sinks
 
@@ -489,7 +471,11 @@ class UnifiedConfig(TunerConfig):
                 changed.append(inject_prefix(model, n, point.prefix_projection_size, owner="UnifiedConfig"))
             elif point.form == "lowrank":
                 r = point.bottleneck_size or 8
-                targets = None if point.at == "attention" else _regex(model, "ffn")
+                targets = (
+                    None
+                    if point.at == "attention"
+                    else block_part_names(model, "ffn_projections", owner="UnifiedConfig")
+                )
                 lora = LoRAConfig(r=r, alpha=point.scale * r, target_modules=targets, layers=self.layers)
                 changed += lora.apply(model)
             else:

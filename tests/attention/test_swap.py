@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from lightning_peft.attention.swap import INTERFACE_KEY, key_padding_from_mask, swap_attention, swapped
+from tests.conftest import unregistered_model
 
 V5 = int(transformers.__version__.split(".")[0]) >= 5
 FAMILIES = ["bert", "roberta", "gpt2", "llama"]
@@ -204,8 +205,10 @@ def test_unknown_variant_lists_the_known_ones() -> None:
 
 
 def test_unsupported_model_is_refused() -> None:
-    with pytest.raises(ValueError, match="supports Hugging Face bert, gpt2, llama, roberta"):
+    with pytest.raises(ValueError, match="no Hugging Face transformers model"):
         swap_attention(nn.Linear(2, 2), "sdpa")
+    with pytest.raises(ValueError, match=r"no registered layout.*register_layout"):
+        swap_attention(unregistered_model(), "sdpa")
 
 
 def test_swapping_again_is_idempotent_and_another_variant_is_refused() -> None:

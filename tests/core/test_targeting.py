@@ -103,7 +103,7 @@ def test_loading_adapters_of_another_config(bert: nn.Module) -> None:
 
 def test_automatic_placement_outside_known_families() -> None:
     mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
-    with pytest.raises(ValueError, match="Pass target_modules"):
+    with pytest.raises(ValueError, match="pass target_modules"):
         lp.inject(mlp, lp.BottleneckConfig())
     lp.inject(mlp, lp.BottleneckConfig(target_modules=["0"], bottleneck_size=2))
     assert lp.param_summary(mlp).trainable == 2 * 2 * 8 + 2 + 8

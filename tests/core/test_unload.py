@@ -14,7 +14,7 @@ from torch import nn
 
 import lightning_peft as lp
 from lightning_peft.api import CONFIG_ATTR
-from lightning_peft.attention.swap import _routes_through_interface
+from lightning_peft.attention.swap import routes_through_interface
 from lightning_peft.layers import STATE_ATTR, TRAINABLE_ATTR, Adapter, HookOwner
 from lightning_peft.tuners.kadapter import KAdapterConfig, add_kadapter
 from tests.conftest import first_output, model_inputs, perturb_trainable, tiny_model
@@ -61,7 +61,7 @@ def _marks(case: str, family: str) -> list[pytest.MarkDecorator]:
     if "prefix" not in case and "mam" not in case:
         return []
     layer = next(m for m in tiny_model(family).modules() if "Attention" in type(m).__name__)
-    return [pytest.mark.skipif(not _routes_through_interface(layer), reason="attention computed inline")]
+    return [pytest.mark.skipif(not routes_through_interface(layer), reason="attention computed inline")]
 
 
 CASES = pytest.mark.parametrize(

@@ -10,7 +10,14 @@ from transformers import BertConfig, BertModel
 import lightning_peft as lp
 from lightning_peft.tuners.prefix import PrefixTuningConfig
 from lightning_peft.tuners.unified import UnifiedConfig
-from tests.conftest import first_output, model_inputs, needs_interface, perturb_trainable, tiny_model
+from tests.conftest import (
+    first_output,
+    model_inputs,
+    needs_interface,
+    perturb_trainable,
+    tiny_model,
+    unregistered_model,
+)
 from tests.tuners.test_prefix import tiny_llama_lm
 from tests.tuners.test_prompt import padded_inputs, tiny_gpt2_lm
 
@@ -131,8 +138,8 @@ def test_bad_input_is_refused() -> None:
         UnifiedConfig(points=[{"form": "bottleneck", "at": "ffn", "insertion": "parallel", "size": 2}])
     with pytest.raises(ValueError, match="insertion must be 'parallel'"):
         UnifiedConfig(points=[{"form": "bottleneck", "at": "attention_heads", "insertion": "sequential"}])
-    with pytest.raises(ValueError, match="parallel insertion knows"):
-        lp.inject(tiny_model("distilbert"), UnifiedConfig(points=[MULTI_HEAD]))
+    with pytest.raises(ValueError, match=r"no registered layout.*register_layout"):
+        lp.inject(unregistered_model(), UnifiedConfig(points=[MULTI_HEAD]))
     with pytest.raises(ValueError, match=r"bottleneck_size must be > 0"):
         UnifiedConfig(points=[{**_mam_points()[0], "bottleneck_size": 0}])
 
