@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+
+from lightning_peft.layouts import find_hf_model, find_stacks, get_layout
 
 __all__ = ["Encoder", "resolve_encoder"]
 
@@ -46,12 +47,12 @@ def _distilbert_embed(embeddings: nn.Module, inputs: dict[str, Any]) -> Tensor:
 
 @dataclass(frozen=True)
 class _Family:
-    """How to step one encoder family: its embedding call, the projection after it (a path relative to
-    the base model, or None), and whether one shared block group is reused at every depth (ALBERT)."""
+    """How to step one encoder family: its embedding call and the projection after it (a path relative to
+    the base model, or None). Where the embeddings and blocks sit, and ALBERT's shared depth, come from the
+    family's layout."""
 
     embed: Embed
     projection: str | None = None
-    shared_groups: bool = False
 
 
 _FAMILIES: dict[str, _Family] = {
@@ -61,21 +62,8 @@ _FAMILIES: dict[str, _Family] = {
     "camembert": _Family(_bert_embed),
     "electra": _Family(_bert_embed, projection="embeddings_project"),
     "distilbert": _Family(_distilbert_embed),
-    "albert": _Family(_bert_embed, projection="encoder.embedding_hidden_mapping_in", shared_groups=True),
+    "albert": _Family(_bert_embed, projection="encoder.embedding_hidden_mapping_in"),
 }
-
-# Stand-in for the model-layout registry until it lands: embeddings path and block stack path relative to
-# the base model.
-_LAYOUT: dict[str, tuple[str, str]] = {
-    "bert": ("embeddings", "encoder.layer"),
-    "roberta": ("embeddings", "encoder.layer"),
-    "xlm-roberta": ("embeddings", "encoder.layer"),
-    "camembert": ("embeddings", "encoder.layer"),
-    "electra": ("embeddings", "encoder.layer"),
-    "distilbert": ("embeddings", "transformer.layer"),
-    "albert": ("embeddings", "encoder.albert_layer_groups"),
-}
-_CAUSAL = {"gpt2", "llama", "mistral", "qwen2", "gpt_neox", "opt", "bloom", "falcon", "phi", "gemma"}
 
 
 @dataclass
@@ -83,16 +71,16 @@ class Encoder:
     """An encoder resolved for stepping.
 
     Attributes:
-        hf: the Hugging Face model (``PreTrainedModel``) that holds the encoder.
+        hf: the Hugging Face model that holds the encoder.
         hf_name: its dotted path inside the model given by the user ('' if that model itself).
         base: ``hf.base_model`` (the bare encoder).
         embeddings: the embedding module.
         projection: a module applied right after the embeddings, or None.
-        blocks: the module run at each depth ``0 .. num_layers - 1`` (ALBERT: the shared group, repeated).
+        blocks: the module run at each depth ``0 .. num_layers - 1`` (ALBERT: its layer groups, repeated).
         embed: the family's embedding call.
     """
 
-    hf: PreTrainedModel
+    hf: nn.Module
     hf_name: str
     base: nn.Module
     embeddings: nn.Module
@@ -105,50 +93,40 @@ class Encoder:
         return len(self.blocks)
 
 
-def _find_hf_model(model: nn.Module) -> tuple[str, PreTrainedModel]:
-    for name, module in model.named_modules():
-        if isinstance(module, PreTrainedModel):
-            return name, module
-    raise ValueError(
-        f"{type(model).__name__} holds no Hugging Face PreTrainedModel: early exit steps a transformers "
-        "encoder "
-        "(BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT, ALBERT)"
-    )
-
-
 def resolve_encoder(model: nn.Module) -> Encoder:
-    """Find the encoder inside ``model`` and what is needed to step its blocks.
+    """Find the encoder inside ``model`` (through the layout registry) and what is needed to step it.
 
     Raises:
-        ValueError: no Hugging Face model, a causal (decoder) model, or a family early exit cannot step
-            (the message says how to register it).
+        ValueError: no Hugging Face model, a family without a layout (the message says how to register
+            one), a causal or encoder-decoder model, or a family whose embedding call is unknown here.
     """
-    hf_name, hf = _find_hf_model(model)
-    family = str(getattr(hf.config, "model_type", ""))
-    if family in _CAUSAL or getattr(hf.config, "is_decoder", False):
+    owner = "early exit"
+    hf_name, hf = find_hf_model(model, owner=owner)
+    layout = get_layout(model, owner=owner)
+    encoders = [s for s in find_stacks(model, owner=owner) if s.role == "encoder" and not s.causal]
+    if not encoders or layout.encoder_decoder:
         raise ValueError(
-            f"early exit supports bidirectional encoders for sequence classification; {family!r} is a causal "
-            "(decoder) model, whose last-token classification early exit does not implement"
+            "early exit supports bidirectional encoders (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, "
+            f"DistilBERT, ALBERT); {layout.family!r} here is a causal (decoder) or encoder-decoder model, "
+            "whose sequence classification early exit does not implement"
         )
-    if family not in _FAMILIES:
+    if layout.family not in _FAMILIES:
         raise ValueError(
-            f"early exit does not know how to step the blocks of model family {family!r}. Known: "
-            f"{', '.join(sorted(_FAMILIES))}. Register the family's layout (embeddings and block stack "
-            "paths) "
-            "with lightning_peft.layouts.register_layout, and its embedding call with "
-            "lightning_peft.early_exit.stepping.register_family"
+            f"early exit does not know how to call the embeddings of family {layout.family!r} (known: "
+            f"{', '.join(sorted(_FAMILIES))}); register it with "
+            "lightning_peft.early_exit.stepping.register_family(model_type, embed, projection=...)"
         )
-    spec = _FAMILIES[family]
-    base = hf.base_model
-    emb_path, stack_path = _LAYOUT[family]
-    stack = base.get_submodule(stack_path)
-    if spec.shared_groups:
-        n, groups = int(hf.config.num_hidden_layers), len(stack)
-        blocks = [stack[int(i / (n / groups))] for i in range(n)]  # as AlbertTransformer.forward picks them
+    spec, stack, base = _FAMILIES[layout.family], encoders[0], hf.base_model
+    if stack.layout.shared_depth:
+        # ALBERT: num_hidden_layers applications of its layer groups, picked as AlbertTransformer does. The
+        # stack is group 0's layers, so the groups are its grandparent.
+        groups = base.get_submodule(stack.layout.path.rsplit(".", 2)[0])
+        n = stack.depth
+        blocks = [groups[int(i / (n / len(groups)))] for i in range(n)]
     else:
-        blocks = list(stack)
+        blocks = list(stack.blocks)
     projection = _optional(base, spec.projection)
-    return Encoder(hf, hf_name, base, base.get_submodule(emb_path), projection, blocks, spec.embed)
+    return Encoder(hf, hf_name, base, base.get_submodule(layout.embeddings), projection, blocks, spec.embed)
 
 
 def register_family(model_type: str, embed: Embed, *, projection: str | None = None) -> None:

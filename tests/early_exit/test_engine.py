@@ -83,7 +83,9 @@ def _configs(all_logits: torch.Tensor) -> list[lp.EarlyExitConfig]:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_dynamic_equals_post_hoc_rule(seed: int) -> None:
-    model = with_exits("bert", seed)
+    """float64: the only differences left are the method's (float32 rounds differently shaped matmuls of
+    the shrinking batch at ~1e-6 relative)."""
+    model = with_exits("bert", seed).double()
     batch = padded_batch(batch=16, seed=seed + 5)
     with torch.no_grad():
         all_logits = exit_logits(model, **batch)
@@ -92,7 +94,7 @@ def test_dynamic_equals_post_hoc_rule(seed: int) -> None:
         want_logits, want_layer = oracle(cfg, all_logits)
         logits, layer = predict(model, cfg, **batch)
         assert torch.equal(layer, want_layer), cfg
-        torch.testing.assert_close(logits, want_logits.float(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(logits, want_logits, atol=1e-6, rtol=0)
         spread += len(set(layer.tolist())) > 1
     assert spread >= 5  # most rules make samples of this batch leave at different layers
 
@@ -112,7 +114,7 @@ def test_batched_equals_one_sample_at_a_time(family: str) -> None:
             one = {k: v[b : b + 1, :n] for k, v in batch.items()}
             l1, e1 = predict(model, cfg, **one)
             assert int(e1) == int(layer[b]), (cfg.criterion, b)
-            torch.testing.assert_close(l1[0], logits[b], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(l1[0], logits[b], atol=1e-6, rtol=0)
 
 
 def test_never_firing_returns_last_exit_exactly(batch: dict[str, torch.Tensor]) -> None:

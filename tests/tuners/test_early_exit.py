@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModel
 
 import lightning_peft as lp
 from lightning_peft.config import config_from_dict
@@ -50,9 +51,22 @@ def test_causal_model_refused() -> None:
         lp.inject(tiny_model("gpt2"), lp.EarlyExitConfig(num_labels=2, patience=1))
 
 
-def test_unknown_family_says_how_to_register() -> None:
-    with pytest.raises(ValueError, match="register_layout"):
+def test_encoder_decoder_refused() -> None:
+    with pytest.raises(ValueError, match="encoder-decoder"):
         lp.inject(tiny_model("t5"), lp.EarlyExitConfig(num_labels=2, patience=1))
+
+
+def test_unknown_family_says_how_to_register() -> None:
+    config = AutoConfig.for_model(
+        "mpnet",
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    with pytest.raises(ValueError, match=r"'mpnet'.*register_layout"):
+        lp.inject(AutoModel.from_config(config), lp.EarlyExitConfig(num_labels=2, patience=1))
 
 
 def test_inject_marks_heads_only_and_roundtrips() -> None:
