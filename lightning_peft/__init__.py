@@ -10,6 +10,7 @@ Lightning: ``trainer = L.Trainer(callbacks=[lightning_peft.callbacks.PEFT(LoRACo
 """
 
 from lightning_peft import tuners as _tuners  # registers every method
+from lightning_peft.stack import TunerStack  # registers method "stack" (tuner lists in YAML recipes)
 from lightning_peft.api import (
     ParamSummary,
     disable_adapters,
@@ -60,6 +61,7 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "TunerConfig",
+    "TunerStack",
     "UnifiedConfig",
     "add_kadapter",
     "available_tuners",

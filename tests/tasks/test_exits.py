@@ -170,3 +170,20 @@ def _load(path: Path) -> TextClassifier:
     state = torch.load(path, weights_only=False)["state_dict"]
     lp.load_trainable_state_dict(model, {k: v for k, v in state.items() if k != META_KEY})
     return model
+
+
+def test_cli_recipe_trains_and_validates_with_exits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_peft.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    recipe = str(Path(__file__).parents[2] / "configs" / "tiny_early_exit.yaml")
+    main(["fit", "--config", recipe])
+    out = capsys.readouterr().out
+    assert "val/exit4_acc" in out and "val/speedup" in out and "val/avg_exit_layer" in out
+    ckpt = tmp_path / "outputs/tiny_early_exit/checkpoints/last.ckpt"
+    keys = set(torch.load(ckpt, weights_only=False)["state_dict"]) - {META_KEY}
+    assert keys and all(k.startswith("backbone.exit_heads.") for k in keys)
+    main(["validate", "--config", recipe, "--ckpt_path", str(ckpt)])
+    assert "val/layers_fraction" in capsys.readouterr().out
