@@ -10,7 +10,6 @@ Lightning: ``trainer = L.Trainer(callbacks=[lightning_peft.callbacks.PEFT(LoRACo
 """
 
 from lightning_peft import tuners as _tuners  # registers every method
-from lightning_peft.stack import TunerStack  # registers method "stack" (tuner lists in YAML recipes)
 from lightning_peft.api import (
     ParamSummary,
     disable_adapters,
@@ -25,6 +24,7 @@ from lightning_peft.api import (
     unmerge,
 )
 from lightning_peft.config import TunerConfig, available_tuners, config_from_dict, register_tuner
+from lightning_peft.stack import TunerStack  # registers method "stack" (tuner lists in YAML recipes)
 from lightning_peft.tuners.adapterdrop import AdapterDropConfig, set_adapter_drop
 from lightning_peft.tuners.bitfit import BitFitConfig
 from lightning_peft.tuners.bottleneck import BottleneckConfig
