@@ -66,7 +66,7 @@ def data_dir(tmp_path: Path) -> Path:
 def _fit(
     root: Path,
     data_dir: Path,
-    config: lp.EarlyExitConfig,
+    config: lp.TunerConfig,
     max_steps: int,
     ckpt: str | None = None,
     extra: list | None = None,
@@ -135,38 +135,50 @@ def test_num_labels_mismatch_is_refused(tmp_path: Path, data_dir: Path) -> None:
         _fit(tmp_path, data_dir, lp.EarlyExitConfig(num_labels=3, patience=1), 2, limit_val_batches=0)
 
 
-def test_deebert_two_runs_resume_exactly_across_the_stage_switch(tmp_path: Path, data_dir: Path) -> None:
-    cfg = lp.EarlyExitConfig(
-        num_labels=2, criterion="entropy", threshold=0.5, training="deebert", stage2_step=4
+def _deebert() -> lp.TunerStack:
+    return lp.TunerStack(
+        configs=[
+            lp.LoRAConfig(r=2, target_modules=["query", "value"]),
+            lp.EarlyExitConfig(
+                num_labels=2, criterion="entropy", threshold=0.5, training="deebert", stage2_step=4
+            ),
+        ]
     )
-    full, _, _ = _fit(tmp_path / "full", data_dir, cfg, 8, limit_val_batches=0)
+
+
+def test_deebert_two_runs_resume_exactly_across_the_stage_switch(tmp_path: Path, data_dir: Path) -> None:
+    full, _, _ = _fit(tmp_path / "full", data_dir, _deebert(), 8, limit_val_batches=0)
     with pytest.raises(RuntimeError, match="end of run 1"):  # run 1: stage 1 only, same schedule (max_steps)
-        _fit(tmp_path / "run", data_dir, cfg, 8, extra=[StopAt(4)], limit_val_batches=0)
-    assert torch.load(tmp_path / "run/ckpt/last.ckpt", weights_only=False)["global_step"] == 4
+        _fit(tmp_path / "run", data_dir, _deebert(), 8, extra=[StopAt(4)], limit_val_batches=0)
+    saved = torch.load(tmp_path / "run/ckpt/last.ckpt", weights_only=False)
+    assert saved["global_step"] == 4
+    keys = set(saved["state_dict"]) - {META_KEY}
+    assert all("lora_" in k or ".exit_heads." in k for k in keys)  # adapter-only: LoRA + heads
+    assert any("lora_" in k for k in keys) and any(".exit_heads." in k for k in keys)
     stage1 = {
         k: v.clone() for k, v in lp.trainable_state_dict(_load(tmp_path / "run/ckpt/last.ckpt")).items()
     }
     resumed, _, start = _fit(
-        tmp_path / "run", data_dir, cfg, 8, ckpt=str(tmp_path / "run/ckpt/last.ckpt"), limit_val_batches=0
+        tmp_path / "run",
+        data_dir,
+        _deebert(),
+        8,
+        ckpt=str(tmp_path / "run/ckpt/last.ckpt"),
+        limit_val_batches=0,
     )
     assert start.step == 4  # the resumed run starts at the checkpoint's step, in stage 2
     a, b = lp.trainable_state_dict(full), lp.trainable_state_dict(resumed)
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    # Stage 2 left the final exit as stage 1 ended; the other exits trained.
-    final = [k for k in a if ".exit_heads.2." in k]
-    assert final and all(torch.equal(a[k], stage1[k]) for k in final)
+    # Stage 2 left LoRA and the final exit as stage 1 ended them; the other exits trained.
+    frozen = [k for k in a if ".exit_heads.2." in k or "lora_" in k]
+    assert frozen and all(torch.equal(a[k], stage1[k]) for k in frozen)
     assert any(not torch.equal(a[k], stage1[k]) for k in a if ".exit_heads.0." in k)
 
 
 def _load(path: Path) -> TextClassifier:
     model = TextClassifier(config=TINY)
-    lp.inject(
-        model,
-        lp.EarlyExitConfig(
-            num_labels=2, criterion="entropy", threshold=0.5, training="deebert", stage2_step=4
-        ),
-    )
+    lp.inject(model, _deebert())
     state = torch.load(path, weights_only=False)["state_dict"]
     lp.load_trainable_state_dict(model, {k: v for k, v in state.items() if k != META_KEY})
     return model
