@@ -104,12 +104,14 @@ def test_batched_equals_one_sample_at_a_time(family: str) -> None:
     """In float64, so that a 1e-6 difference can only come from the method (padding leaking, a wrong
     sample scattered back), not from float32 rounding of differently shaped matmuls (~1e-6 relative)."""
     model = with_exits(family, 2).double()
-    batch = padded_batch(batch=10, seed=7)
+    n_samples = 10 if family == "bert" else 6
+    batch = padded_batch(batch=n_samples, seed=7)
     with torch.no_grad():
         all_logits = exit_logits(model, **batch)
-    for cfg in _configs(all_logits)[:5]:
+    configs = _configs(all_logits)
+    for cfg in configs[:5] if family == "bert" else [configs[1], configs[2]]:  # other families: 2 rules
         logits, layer = predict(model, cfg, **batch)
-        for b in range(10):
+        for b in range(n_samples):
             n = int(batch["attention_mask"][b].sum())
             one = {k: v[b : b + 1, :n] for k, v in batch.items()}
             l1, e1 = predict(model, cfg, **one)
