@@ -23,10 +23,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.early_exit import decide, exit_logits, exit_losses, exit_weights, predict, training_loss
-from lightning_peft.tuners.early_exit import ExitHeads
+from lightning_peft.early_exit import (
+    decide,
+    exit_logits,
+    exit_losses,
+    exit_weights,
+    hidden_states,
+    predict,
+    training_loss,
+)
+from lightning_peft.tuners.early_exit import ExitHeads, find_exit_heads
 
-__all__ = ["ExitTimer", "check_num_labels", "exit_eval", "exit_heads_of", "exit_train_loss"]
+__all__ = [
+    "ExitTimer",
+    "check_num_labels",
+    "exit_eval",
+    "exit_heads_of",
+    "exit_train_loss",
+    "final_exit_logits",
+]
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -48,6 +63,12 @@ def check_num_labels(heads: ExitHeads, num_labels: int) -> None:
 
 def _inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: batch[k] for k in _INPUTS if batch.get(k) is not None}
+
+
+def final_exit_logits(backbone: nn.Module, **inputs: Tensor) -> Tensor:
+    """``(B, C)`` logits of the last exit: every block run, as the model in full."""
+    hidden, mask = hidden_states(backbone, **inputs)
+    return find_exit_heads(backbone)[-1](hidden[-1], mask)
 
 
 def exit_train_loss(backbone: nn.Module, batch: dict[str, Tensor], global_step: int) -> Tensor:

@@ -19,6 +19,7 @@ from lightning_peft.tasks.exits import (
     exit_eval,
     exit_heads_of,
     exit_train_loss,
+    final_exit_logits,
 )
 from lightning_peft.tasks.pretrained import encoder_from_config, load_encoder, resolve_pretrained_path
 
@@ -125,9 +126,13 @@ class TextClassifier(L.LightningModule):
             token_type_ids: ``(B, T)`` segment ids, for models that use them.
 
         Returns:
-            ``(B, num_labels)`` logits.
+            ``(B, num_labels)`` logits; with exit heads, the final exit's (the model run in full).
         """
         kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        if exit_heads_of(self.backbone) is not None:
+            return final_exit_logits(
+                self.backbone, input_ids=input_ids, attention_mask=attention_mask, **kwargs
+            )
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         return self.classifier(self.dropout(self.pool(hidden, attention_mask)))  # (B, C)
 

@@ -118,6 +118,8 @@ def test_validation_logs_every_exit_and_the_speedup(tmp_path: Path, data_dir: Pa
         layers.append(layer)
         labels_seen += len(batch["labels"])
         assert torch.equal(model.predict_step(batch, 0), logits.argmax(-1))
+        with torch.no_grad():  # forward is the model in full: the last exit
+            torch.testing.assert_close(model(batch["input_ids"], batch["attention_mask"]), all_logits[-1])
     for j in range(3):
         assert logged[f"val/exit{j + 1}_acc"] == pytest.approx(float(correct[j]) / labels_seen, abs=1e-6)
     assert logged["val/dynamic_acc"] == pytest.approx(dyn_correct / labels_seen, abs=1e-6)
