@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lightning_peft.tasks.data import DEMO_TRAIN, DEMO_VAL
 
-__all__ = ["FORTUNE_CLASSES", "FORTUNES_DIR", "task_files"]
+__all__ = ["FORTUNES_DIR", "FORTUNE_CLASSES", "task_files"]
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 FORTUNE_CLASSES = ("computers", "politics", "science", "art")

@@ -24,7 +24,8 @@ runs are the same schedule split in two: run 1 stops at ``stage2_step``, run 2 r
 
 The heads (:class:`ExitHeads`) live on the Hugging Face model as ``exit_heads`` and are trainable tuner
 state: adapter-only checkpoints hold them with the other tuners'. Stack with other tuners through
-``lightning_peft.inject(model, [LoRAConfig(...), EarlyExitConfig(...)])``. Inference and the loss live in
+``lightning_peft.inject(model, [LoRAConfig(...), EarlyExitConfig(...)])``, exits last (a tuner injected after
+them with ``target_modules="all-linear"`` would wrap the heads' layers too). Inference and the loss live in
 :mod:`lightning_peft.early_exit` (``exit_logits``, ``predict``, ``training_loss``).
 
 Example::
