@@ -205,3 +205,16 @@ def test_predict_removes_samples_that_left(batch: dict) -> None:
         running = layer >= i + 1
         assert rows == int(running.sum())
         assert cols == int(batch["attention_mask"][running].sum(1).max())
+
+
+def test_albert_with_several_groups_and_inner_layers(batch: dict) -> None:
+    """ALBERT's general sharing: 2 groups of 2 inner layers over 4 depths, as AlbertTransformer picks them."""
+    model = encoder("albert", 0, num_hidden_groups=2, inner_group_num=2)
+    lp.inject(model, lp.EarlyExitConfig(num_labels=3, patience=1))
+    with torch.no_grad():
+        ours, _ = hidden_states(model, **batch)
+        theirs = model(**batch, output_hidden_states=True).hidden_states[1:]
+    assert len(ours) == DEPTH and len(theirs) == 2 * DEPTH  # transformers records every inner layer
+    m = batch["attention_mask"].bool()
+    for a, b in zip(ours, theirs[1::2], strict=True):  # an exit reads the output of a whole group
+        torch.testing.assert_close(a[m], b[m], atol=1e-5, rtol=1e-5)
