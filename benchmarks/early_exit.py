@@ -20,6 +20,11 @@ Target (issue 11): at batch 32, >= 1.5x at <= 1 point of accuracy below the full
 
     python benchmarks/early_exit.py                  # both tasks, JSON + PNG in benchmarks/results/
     python benchmarks/early_exit.py --tasks demo --epochs 1 --rounds 2   # a quick look
+    # one process per task (what the README's numbers used, on a loaded 2-core machine):
+    python benchmarks/early_exit.py --tasks demo --threads 1 --out benchmarks/results/early_exit_demo.json \
+        --png benchmarks/results/early_exit_demo.png
+    python benchmarks/early_exit.py --tasks fortunes --threads 1 \
+        --out benchmarks/results/early_exit_fortunes.json --png benchmarks/results/early_exit_fortunes.png
 """
 
 from __future__ import annotations
@@ -285,10 +290,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--time-batches", type=int, default=6, help="validation batches of 32 timed")
-    parser.add_argument("--batch1", type=int, default=48, help="samples timed at batch size 1")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--time-batches", type=int, default=4, help="validation batches of 32 timed")
+    parser.add_argument("--batch1", type=int, default=32, help="samples timed at batch size 1")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/early_exit.json)")
+    parser.add_argument("--png", default=str(RESULTS_DIR / "early_exit.png"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results, met = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks.split(","):
@@ -303,8 +312,8 @@ def main() -> None:
         "results": results,
     }
     path = write_json("early_exit", payload, args.out)
-    plot(results, RESULTS_DIR / "early_exit.png")
-    print(f"\nwrote {path} and {RESULTS_DIR / 'early_exit.png'}")
+    plot(results, Path(args.png))
+    print(f"\nwrote {path} and {args.png}")
 
 
 if __name__ == "__main__":
