@@ -100,6 +100,12 @@ class EarlyExitConfig(TunerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in ("target_modules", "exclude_modules", "layers"):
+            if getattr(self, name) is not None:
+                raise ValueError(
+                    f"{_OWNER}.{name} has no meaning: an exit head goes after every block of the encoder; "
+                    "give target_modules to the tuner stacked with it (e.g. LoRAConfig)"
+                )
         if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 1:
             raise ValueError(
                 f"{_OWNER}.num_labels must be an int >= 1 (1 = regression), got {self.num_labels!r}"

@@ -30,6 +30,7 @@ from tests.conftest import tiny_model
         (dict(loss_weights=[0.0, 0.0]), "sum to 0"),
         (dict(training="deebert"), "needs stage2_step"),
         (dict(threshold=0.5), "not 'patience'"),
+        (dict(target_modules=["query"]), "target_modules has no meaning"),
     ],
 )
 def test_bad_config(kwargs: dict, match: str) -> None:
