@@ -24,7 +24,6 @@ from lightning_peft.api import (
     unmerge,
 )
 from lightning_peft.config import TunerConfig, available_tuners, config_from_dict, register_tuner
-from lightning_peft.stack import TunerStack  # registers method "stack" (tuner lists in YAML recipes)
 from lightning_peft.tuners.adapterdrop import AdapterDropConfig, set_adapter_drop
 from lightning_peft.tuners.bitfit import BitFitConfig
 from lightning_peft.tuners.bottleneck import BottleneckConfig
@@ -61,7 +60,6 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "TunerConfig",
-    "TunerStack",
     "UnifiedConfig",
     "add_kadapter",
     "available_tuners",
