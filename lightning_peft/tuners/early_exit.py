@@ -238,6 +238,9 @@ class EarlyExitConfig(TunerConfig):
                 "this model already has exit heads; unload() it before injecting EarlyExitConfig again"
             )
         heads = ExitHeads(self, int(enc.hf.config.hidden_size), enc.num_layers)
+        ref = next(enc.blocks[0].parameters(), None)
+        if ref is not None:  # the encoder's device and dtype (meta too: materialised with the model)
+            heads.to(device=ref.device, dtype=ref.dtype)
         heads.train(enc.hf.training)  # an encoder in eval mode gets heads without dropout
         enc.hf.add_module(HEADS_ATTR, heads)
         mark(heads)

@@ -16,6 +16,7 @@ import lightning_peft as lp
 from lightning_peft.callbacks import PEFT
 from lightning_peft.callbacks.adapter_checkpoint import META_KEY
 from lightning_peft.early_exit import exit_logits, predict
+from lightning_peft.stack import TunerStack
 from lightning_peft.tasks import TextClassificationData, TextClassifier
 
 TINY = {
@@ -137,8 +138,8 @@ def test_num_labels_mismatch_is_refused(tmp_path: Path, data_dir: Path) -> None:
         _fit(tmp_path, data_dir, lp.EarlyExitConfig(num_labels=3, patience=1), 2, limit_val_batches=0)
 
 
-def _deebert() -> lp.TunerStack:
-    return lp.TunerStack(
+def _deebert() -> TunerStack:
+    return TunerStack(
         configs=[
             lp.LoRAConfig(r=2, target_modules=["query", "value"]),
             lp.EarlyExitConfig(

@@ -87,3 +87,13 @@ def test_inject_marks_heads_only_and_roundtrips() -> None:
         m2 = tiny_model("bert")
         lp.inject(m2, lp.EarlyExitConfig(num_labels=4, patience=1))
         lp.unload(m2)
+
+
+def test_heads_follow_the_encoder_dtype_and_meta_device() -> None:
+    model = tiny_model("bert").to(torch.float64)
+    lp.inject(model, lp.EarlyExitConfig(num_labels=2, patience=1))
+    assert all(p.dtype == torch.float64 for p in model.exit_heads.parameters())
+    with torch.device("meta"):
+        meta = AutoModel.from_config(tiny_model("bert").config)
+    lp.inject(meta, lp.EarlyExitConfig(num_labels=2, patience=1))
+    assert all(p.is_meta for p in meta.exit_heads.parameters())
