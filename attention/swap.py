@@ -318,8 +318,9 @@ def _swap_targets(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
 
 
 def _head_shape(module: nn.Module, config: Any) -> tuple[int, int]:
-    if hasattr(module, "attention_head_size"):  # BERT / RoBERTa
-        return int(module.num_attention_heads), int(module.attention_head_size)
+    if hasattr(module, "attention_head_size"):  # BERT / RoBERTa (num_attention_heads), DistilBERT (n_heads)
+        heads = getattr(module, "num_attention_heads", None) or module.n_heads
+        return int(heads), int(module.attention_head_size)
     heads = getattr(module, "num_heads", None) or config.num_attention_heads  # GPT-2 / Llama
     return int(heads), int(module.head_dim)
 
@@ -360,6 +361,14 @@ def swap_attention(model: nn.Module, name: str, **options: Any) -> SwapReport:
             return previous
         raise ValueError(f"this model already runs {previous}; swap a fresh model instead of swapping twice")
     _check_positions(config)
+    if isinstance(getattr(config, "sliding_window", None), int) and getattr(
+        config, "use_sliding_window", True
+    ):
+        raise ValueError(
+            f"swap_attention: {type(model).__name__} restricts attention to its own window "
+            f"(config.sliding_window={config.sliding_window}), which swapped variants do not see; set "
+            "config.sliding_window = None before swapping (the window then comes from the variant)"
+        )
     targets = _swap_targets(model)
     causal = any(c for _, _, c in targets)
     _check_causal(model, name, cls, causal)

@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from lightning_peft.attention.base import get_attention
 from lightning_peft.attention.swap import SwapReport, swap_attention, swapped
+from lightning_peft.callbacks.patching import Patches
 
 __all__ = ["AttentionSwap"]
 
@@ -85,6 +86,7 @@ class AttentionSwap(Callback):
             )
         self.options = {**(options or {}), **kwargs}
         self.report: SwapReport | None = None
+        self._patches = Patches()
 
     @property
     def record(self) -> dict[str, Any]:
@@ -124,16 +126,18 @@ class AttentionSwap(Callback):
         self._swap(pl_module)
 
     def _swap_after_configure_model(self, pl_module: L.LightningModule) -> None:
-        configure_model = pl_module.configure_model
-        if getattr(configure_model, "_attention_swap", None) is self:
-            return  # already wrapped by an earlier setup
+        def swap_around(configure_model: Any) -> Any:
+            def configure_model_then_swap() -> None:
+                configure_model()
+                self._swap(pl_module)
 
-        def configure_model_then_swap() -> None:
-            configure_model()
-            self._swap(pl_module)
+            return configure_model_then_swap
 
-        configure_model_then_swap._attention_swap = self  # type: ignore[attr-defined]
-        pl_module.configure_model = configure_model_then_swap  # type: ignore[method-assign]
+        self._patches.wrap(pl_module, "configure_model", swap_around)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._patches.restore()
 
     @override
     def on_save_checkpoint(

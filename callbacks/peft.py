@@ -1,74 +1,16 @@
 """The ``PEFT`` callback: parameter-efficient fine-tuning of any LightningModule with one line.
 
-Hook facts this relies on (Lightning 2.x ``trainer.fit``): callback ``setup`` -> module ``setup`` ->
-``configure_model`` -> restore from ``ckpt_path`` -> strategy setup (DDP/FSDP wrapping, then
-``configure_optimizers``) -> ``on_fit_start``. Injecting at ``on_fit_start`` would be too late (the
-optimizer and the DDP reducer already hold the old parameters), so the tuner is injected and the base
-frozen in ``setup``, or right after ``configure_model`` when the module builds its model there.
-
-Gradient checkpointing with a frozen embedding: reentrant ``torch.utils.checkpoint`` drops the gradient
-of a checkpointed block whose inputs do not require grad, so with a frozen embedding no adapter inside a
-checkpointed layer trains (transformers #23170). transformers >= 5 makes the embedding output require
-grad when checkpointing is enabled, 4.x only for models loaded through peft, and nothing when a user
-turns it off or checkpoints by hand. The callback therefore puts a forward hook on the input embeddings
-of every Hugging Face model it injects into that marks the embedding output as requiring grad *at forward
-time, only while that model is training with checkpointing on*. Deciding per forward makes it independent
-of the order in which checkpointing and the callback were enabled (before ``fit``, in ``configure_model``,
-in the module's ``setup``...), and of the ``use_reentrant`` choice. Rewriting the checkpoint function
-to the non-reentrant variant instead would depend on transformers internals and be undone by a later
-``gradient_checkpointing_enable()`` call.
-
-Strategies:
-
-* DDP: the base is frozen before wrapping, so no ``find_unused_parameters`` is needed.
-* FSDP (Lightning ``FSDPStrategy``, CUDA): every module the tuner marks fully trainable (``lora_A``,
-  ``lora_B``, bottleneck adapters, ``modules_to_save``) becomes its own FSDP unit, added to the user's
-  ``auto_wrap_policy``, so no FlatParameter mixes frozen and trainable tensors and gradients are only
-  allocated for adapters; ``use_orig_params=True`` (Lightning's default, required) keeps the structural
-  walk and BitFit's per-bias marks working. Checkpoints need ``state_dict_type="full"`` (``"sharded"`` is
-  refused at ``setup``).
-* FSDP2 (``ModelParallelStrategy``, whose ``configure_model`` applies ``fully_shard``): a model built in
-  ``__init__`` gets its adapters *before* ``configure_model``, so the user's ``fully_shard`` calls shard
-  them with their blocks; a model built and sharded in ``configure_model`` gets them right after it, each
-  block's adapters becoming an FSDP2 unit of their own. Checkpoints gather the adapters only; both the
-  single-file and the distributed-checkpoint layout save and resume adapter-only.
-* DeepSpeed (``DeepSpeedStrategy``, CUDA): the engine writes its own checkpoint directory and ignores the
-  Lightning ``state_dict``. The callback sets ``exclude_frozen_parameters=True`` (the engine saves the
-  trainable parameters only), and stores the adapter-only state dict, gathered from the ZeRO-3 shards of
-  trainable parameters only, in the checkpoint's client state under :data:`DEEPSPEED_ADAPTER_KEY`.
-
-Models built on the meta device (``with trainer.init_module(empty_init=True)`` under
-``ModelParallelStrategy``, or ``torch.device("meta")`` in ``__init__``): the callback injects into the meta
-model and the strategy materialises it in its setup (``to_empty()``, then ``reset_parameters()`` of every
-module holding tensors). Every tuner module resets to its own init (LoRA's ``B`` zero, bottleneck and
-parallel adapters the identity, Compacter's shared rule shared again: :mod:`lightning_peft.layers`), so the
-adapters start as they do on a real model. The frozen base gets its modules' reset values, random: the user
-must load the pretrained weights after the materialisation and before training, e.g. in the
-LightningModule's ``on_fit_start`` (it runs after the strategy setup and after a ``ckpt_path`` restore, so
-load the base tensors only, not the restored adapters):
-
-* names: a wrapped layer keeps the original as ``base_layer`` (``...query.base_layer.weight`` holds the
-  pretrained ``...query.weight``);
-* sharded parameters are ``DTensor``: load a full state dict with ``set_model_state_dict(module, state_dict,
-  options=StateDictOptions(full_state_dict=True, strict=False))`` (``torch.distributed.checkpoint.
-  state_dict``), or copy ``distribute_tensor(full, p.device_mesh, p.placements)`` into each parameter;
-* non-persistent buffers that no ``reset_parameters()`` re-creates (BERT's ``position_ids`` and
-  ``token_type_ids``, Llama's rotary ``inv_freq``; Lightning warns "Parameter initialization incomplete" and
-  names their modules) hold uninitialised memory until restored too;
-* BitFit: then call :func:`lightning_peft.tuners.bitfit.record_original_biases` (``disable_adapters`` refuses
-  the model until the original biases are known);
-* prompt tuning with ``init="text"`` and ``FusionConfig(adapters={name: path})`` read values a meta model does
-  not have and are refused at injection; stage-1 adapters fused by name get their trained tensors with
-  :func:`lightning_peft.named.load_adapter_tensors` after the materialisation;
-* the base fingerprint stored in adapter-only checkpoints holds shapes and dtypes only (no value checksums),
-  so a resume checks the base model's architecture, not its weights.
-
-Tracking: at ``on_fit_start`` every logger gets the tuner config, trainable / total parameters and the
-attention variant of an :class:`~lightning_peft.callbacks.AttentionSwap` callback; after every checkpoint
-write its path and size. With a ``WandbLogger`` the adapter-only checkpoint is also logged as a W&B
-artifact at that moment (``log_checkpoint_artifact=False`` turns it off). Lightning's
-``WandbLogger(log_model="all" | True)`` already logs what ``ModelCheckpoint`` writes, which is
-adapter-only here; when it is set the callback leaves artifacts to it and does not log them twice.
+Hook facts that decide correctness (Lightning 2.x ``trainer.fit``): callback ``setup`` -> module ``setup``
+-> ``configure_model`` -> restore from ``ckpt_path`` -> strategy setup (DDP/FSDP wrapping, then
+``configure_optimizers``) -> ``on_fit_start``. Injecting at ``on_fit_start`` would be too late (the optimizer
+and the DDP reducer already hold the old parameters), so the tuner is injected and the base frozen in
+``setup``, or right after ``configure_model`` when the module builds its model there (FSDP2: before it too,
+so the user's ``fully_shard`` shards the adapters with their blocks). Callback ``on_save_checkpoint`` is
+skipped with ``save_weights_only=True`` and comes after the state dict is built (gathered, under FSDP), so
+checkpoints are trimmed at ``strategy.lightning_module_state_dict``. Loading runs the module's load hooks
+before any callback's ``on_load_checkpoint``: config, base-model and adapter-key checks live in them.
+Every wrap is undone in ``teardown`` (:mod:`lightning_peft.callbacks.patching`). The user guide (strategies,
+meta-device models, tracking) is the README's.
 """
 
 from __future__ import annotations
@@ -84,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from lightning_peft.api import get_config, inject, param_summary
+from lightning_peft.api import as_config, get_config, inject, param_summary
 from lightning_peft.callbacks.adapter_checkpoint import (
     META_KEY,
     full_trainable_state_dict,
@@ -96,6 +38,7 @@ from lightning_peft.callbacks.adapter_checkpoint import (
 )
 from lightning_peft.callbacks.attention_swap import AttentionSwap
 from lightning_peft.callbacks.gradient_checkpointing import guard_gradient_checkpointing
+from lightning_peft.callbacks.patching import Patches
 from lightning_peft.callbacks.rng import get_rng_state, set_rng_state
 from lightning_peft.callbacks.strategies import (
     DEEPSPEED_ADAPTER_KEY,
@@ -105,6 +48,7 @@ from lightning_peft.callbacks.strategies import (
     is_fully_sharded,
     is_model_parallel,
     load_model_parallel_checkpoint,
+    metadata_into_state_dict,
     prepare_checkpoint_for_save,
     prepare_strategy,
     saves_distributed_checkpoints,
@@ -122,8 +66,9 @@ class PEFT(Callback):
     """Inject a tuner, freeze the base, and keep checkpoints adapter-only.
 
     Args:
-        config: the tuner (``LoRAConfig``, ``BottleneckConfig``, ``BitFitConfig``, ...). A dict with a
-            ``"method"`` key is accepted too (YAML recipes).
+        config: the tuner (``LoRAConfig``, ``BottleneckConfig``, ``BitFitConfig``, ...), or a list of them
+            to stack several tuners on one model. A dict with a ``"method"`` key is accepted too (YAML
+            recipes).
         module: dotted attribute path of the submodule to inject into (``"backbone"``); default: the
             whole LightningModule, so ``modules_to_save=["classifier"]`` can reach its head.
         adapter_only_checkpoints: trim every checkpoint's ``state_dict`` to the tuner's tensors.
@@ -152,7 +97,7 @@ class PEFT(Callback):
 
     def __init__(
         self,
-        config: TunerConfig | dict[str, Any],
+        config: TunerConfig | dict[str, Any] | list[TunerConfig | dict[str, Any]],
         *,
         module: str | None = None,
         adapter_only_checkpoints: bool = True,
@@ -163,9 +108,12 @@ class PEFT(Callback):
         super().__init__()
         if isinstance(config, dict):
             config = config_from_dict(config)
+        elif isinstance(config, (list, tuple)):  # several tuners on one model
+            config = as_config([config_from_dict(c) if isinstance(c, dict) else c for c in config])
         if not isinstance(config, TunerConfig):
             raise TypeError(
-                f"PEFT(config=...) takes a TunerConfig such as LoRAConfig(...), got {type(config)}"
+                "PEFT(config=...) takes a TunerConfig such as LoRAConfig(...) or a list of them, got "
+                f"{type(config).__name__}"
             )
         self.config = config
         self.module = module
@@ -175,6 +123,7 @@ class PEFT(Callback):
         self.log_checkpoint_artifact = log_checkpoint_artifact
         self._fingerprint: dict[str, Any] | None = None
         self._grads_checked = False
+        self._patches = Patches()
 
     # -- injection -----------------------------------------------------------------------------------
     def _target(self, pl_module: L.LightningModule) -> torch.nn.Module:
@@ -217,7 +166,11 @@ class PEFT(Callback):
             return False
 
     def _base_fingerprint(self) -> dict[str, Any]:
-        assert self._fingerprint is not None
+        if self._fingerprint is None:
+            raise RuntimeError(
+                "the PEFT callback has not injected its tuner in this fit yet (its setup did not run, or "
+                "configure_model was called outside trainer.fit); give the Trainer this callback instance"
+            )
         return self._fingerprint
 
     @override
@@ -225,9 +178,7 @@ class PEFT(Callback):
         if is_overridden("configure_model", pl_module, L.LightningModule):
             # The model may only exist after configure_model: inject right after it, before the restore
             # from ckpt_path, strategy wrapping and configure_optimizers.
-            if not getattr(pl_module, "_lp_configure_model_patched", False):
-                user_configure_model = pl_module.configure_model
-
+            def inject_around(user_configure_model: Any) -> Any:
                 def configure_model_then_inject() -> None:
                     if is_model_parallel(pl_module.trainer.strategy) and self._is_built(pl_module):
                         # FSDP2: configure_model shards. A model built in __init__ gets its adapters first,
@@ -236,8 +187,9 @@ class PEFT(Callback):
                     user_configure_model()
                     self._inject(pl_module)
 
-                pl_module.configure_model = configure_model_then_inject  # type: ignore[method-assign]
-                object.__setattr__(pl_module, "_lp_configure_model_patched", True)
+                return configure_model_then_inject
+
+            self._patches.wrap(pl_module, "configure_model", inject_around)
         else:
             self._inject(pl_module)
         prepare_strategy(trainer.strategy, self.adapter_only_checkpoints)
@@ -246,59 +198,65 @@ class PEFT(Callback):
         self._after_checkpoint_writes(trainer, pl_module)
         if is_model_parallel(trainer.strategy):
             self._load_adapter_checkpoints(trainer)
+        elif not is_deepspeed(trainer.strategy):
+            self._patches.wrap(
+                trainer.strategy,
+                "load_checkpoint",
+                lambda load: lambda *a, **kw: metadata_into_state_dict(load(*a, **kw)),
+            )
 
     def _load_adapter_checkpoints(self, trainer: L.Trainer) -> None:
         """ModelParallelStrategy restores into every key of the model: adapter-only checkpoints take
         :func:`load_model_parallel_checkpoint` (other checkpoints still reach the strategy's own loader)."""
         strategy = trainer.strategy
-        if "load_checkpoint" in vars(strategy):
-            return
-        load = strategy.load_checkpoint
 
-        def load_adapters(path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-            return load_model_parallel_checkpoint(strategy, load, path, self._base_fingerprint, weights_only)
+        def wrap(load: Any) -> Any:
+            def load_adapters(path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+                return load_model_parallel_checkpoint(
+                    strategy, load, path, self._base_fingerprint, weights_only
+                )
 
-        strategy.load_checkpoint = load_adapters  # type: ignore[method-assign]
+            return load_adapters
+
+        self._patches.wrap(strategy, "load_checkpoint", wrap)
 
     def _trim_checkpoints(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         strategy = trainer.strategy
-        if "lightning_module_state_dict" in vars(strategy):
-            return  # already patched by this callback in an earlier stage
-        full_state_dict = strategy.lightning_module_state_dict
 
-        def adapter_state_dict() -> dict[str, Any]:
-            meta = make_meta(pl_module, self._base_fingerprint())
-            if is_deepspeed(strategy) and getattr(strategy, "zero_stage_3", False):
-                # The full state dict would hold empty ZeRO-3 placeholders: gather the adapters only.
-                return trim_state_dict(gathered_trainable_state_dict(pl_module), pl_module, meta)
-            if is_model_parallel(strategy) and not saves_distributed_checkpoints(strategy):
-                # Its full state dict gathers the whole model onto rank 0: gather the adapters only.
-                return trim_state_dict(full_trainable_state_dict(pl_module), pl_module, meta)
-            return trim_state_dict(full_state_dict(), pl_module, meta)
+        def wrap(full_state_dict: Any) -> Any:
+            def adapter_state_dict() -> dict[str, Any]:
+                meta = make_meta(pl_module, self._base_fingerprint())
+                if is_deepspeed(strategy) and getattr(strategy, "zero_stage_3", False):
+                    # The full state dict would hold empty ZeRO-3 placeholders: gather the adapters only.
+                    return trim_state_dict(gathered_trainable_state_dict(pl_module), pl_module, meta)
+                if is_model_parallel(strategy) and not saves_distributed_checkpoints(strategy):
+                    # Its full state dict gathers the whole model onto rank 0: gather the adapters only.
+                    return trim_state_dict(full_trainable_state_dict(pl_module), pl_module, meta)
+                return trim_state_dict(full_state_dict(), pl_module, meta)
 
-        strategy.lightning_module_state_dict = adapter_state_dict  # type: ignore[method-assign]
+            return adapter_state_dict
+
+        self._patches.wrap(strategy, "lightning_module_state_dict", wrap)
 
     def _after_checkpoint_writes(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Wrap ``strategy.save_checkpoint``: it gets the file path, and returns once the file is written
         (ModelCheckpoint, ``trainer.save_checkpoint``; Lightning offers callbacks no post-write hook)."""
         strategy = trainer.strategy
-        if "save_checkpoint" in vars(strategy):
-            return
-        save = strategy.save_checkpoint
 
-        def save_then_track(checkpoint: dict[str, Any], filepath: Any, *args: Any, **kwargs: Any) -> None:
-            prepare_checkpoint_for_save(strategy, checkpoint)
-            save(checkpoint, filepath, *args, **kwargs)
-            if trainer.is_global_zero:
-                self._track_checkpoint(trainer, Path(filepath), checkpoint.get("global_step", 0))
+        def wrap(save: Any) -> Any:
+            def save_then_track(checkpoint: dict[str, Any], filepath: Any, *args: Any, **kwargs: Any) -> None:
+                prepare_checkpoint_for_save(strategy, checkpoint)
+                save(checkpoint, filepath, *args, **kwargs)
+                if trainer.is_global_zero:
+                    self._track_checkpoint(trainer, Path(filepath), checkpoint.get("global_step", 0))
 
-        strategy.save_checkpoint = save_then_track  # type: ignore[method-assign]
+            return save_then_track
+
+        self._patches.wrap(strategy, "save_checkpoint", wrap)
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        vars(trainer.strategy).pop("lightning_module_state_dict", None)
-        vars(trainer.strategy).pop("save_checkpoint", None)
-        vars(trainer.strategy).pop("load_checkpoint", None)
+        self._patches.restore()  # the module can be fitted again, with new Trainers and callbacks
 
     # -- checks and logging --------------------------------------------------------------------------
     @override

@@ -77,9 +77,11 @@ class PEFTCLI(LightningCLI):
             f"parameters   : {summary}",
             f"checkpoint   : {_mb(size)}  {path}" if path else "checkpoint   : none written",
         ]
-        for key in sorted(set(before) | set(after)):
+        keys = sorted(set(before) | set(after))
+        width = max([13, *map(len, keys)])
+        for key in keys:
             b, a = before.get(key), after.get(key)
-            lines.append(f"{key:<13}: {_fmt(b)} before -> {_fmt(a)} after")
+            lines.append(f"{key:<{width}}: {_fmt(b)} before -> {_fmt(a)} after")
         lines.append("=" * 64)
         print("\n".join(lines), flush=True)
         if path:

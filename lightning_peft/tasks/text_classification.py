@@ -10,7 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-from transformers import get_linear_schedule_with_warmup
 
 from lightning_peft.early_exit import predict as exit_predict
 from lightning_peft.tasks.exits import (
@@ -21,6 +20,7 @@ from lightning_peft.tasks.exits import (
     exit_train_loss,
     final_exit_logits,
 )
+from lightning_peft.tasks.optim import adamw_linear_warmup
 from lightning_peft.tasks.pretrained import encoder_from_config, load_encoder, resolve_pretrained_path
 
 Pooling = Literal["cls", "mean"]
@@ -219,18 +219,10 @@ class TextClassifier(L.LightningModule):
         Raises:
             RuntimeError: Nothing is trainable.
         """
-        decay, no_decay = [], []
-        for param in self.parameters():
-            if param.requires_grad:
-                (decay if param.ndim >= 2 else no_decay).append(param)
-        if not decay and not no_decay:
-            raise RuntimeError("TextClassifier has no parameter with requires_grad=True to optimise")
-        groups = [
-            {"params": params, "weight_decay": wd}
-            for params, wd in ((decay, self.hparams.weight_decay), (no_decay, 0.0))
-            if params
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_linear_warmup(
+            self,
+            self.hparams.learning_rate,
+            self.hparams.weight_decay,
+            self.hparams.warmup_ratio,
+            self.trainer.estimated_stepping_batches,
+        )

@@ -32,10 +32,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.config import register_tuner
-from lightning_peft.layers import Adapter, mark, remove_handles
+from lightning_peft.layers import Adapter, OwnsHooks, mark
 from lightning_peft.layouts import find_stacks, layout_of
 from lightning_peft.targeting import block_index, find_modules
 from lightning_peft.tuners.bottleneck import BottleneckConfig, style_placements
@@ -113,7 +112,7 @@ def _detach_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple
     return args, kwargs
 
 
-class AdapterDropController(nn.Module):
+class AdapterDropController(OwnsHooks, nn.Module):
     """Decides per forward which adapted blocks run their adapters and where the backward stops."""
 
     def __init__(self, model: nn.Module, *, robust: bool, max_drop: int, seed: int) -> None:
@@ -131,17 +130,13 @@ class AdapterDropController(nn.Module):
         self._cut = 0
         # Partials of bound methods (not closures): a deep copy of the model rebinds them to the copied
         # controller, where a closure would keep driving the original one.
-        self._handles: list[RemovableHandle] = []
         for i, (_, block, _) in enumerate(self._blocks):
             module = model.get_submodule(block)
-            pre = functools.partial(self._pre_hook, i)
-            self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(functools.partial(self._post_hook, i)))
+            self.keep(
+                module.register_forward_pre_hook(functools.partial(self._pre_hook, i), with_kwargs=True)
+            )
+            self.keep(module.register_forward_hook(functools.partial(self._post_hook, i)))
         mark(self)  # its step counter is tuner state (no parameters)
-
-    def remove_hooks(self) -> None:
-        """Take the block hooks off the model (:class:`~lightning_peft.layers.HookOwner`)."""
-        remove_handles(self._handles)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -34,7 +34,8 @@ def test_checkpoints_hold_adapters_only(tmp_path: Path, weights_only: bool) -> N
     keys = set(saved["state_dict"]) - {META_KEY}
     assert keys == _adapter_keys(module)
     assert all("lora_" in k or k.startswith("classifier.") for k in keys)
-    assert saved["state_dict"][META_KEY]["config"]["method"] == "lora"
+    assert saved[META_KEY]["config"]["method"] == "lora"
+    assert all(isinstance(v, torch.Tensor) for v in saved["state_dict"].values()), "state_dict: tensors only"
     assert ("optimizer_states" in saved) is not weights_only
     # The user's own state_dict() stays complete.
     assert len(module.state_dict()) > len(keys)

@@ -73,7 +73,7 @@ def test_adapter_only_checkpoint_and_exact_resume(tmp_path: Path, method: str) -
     _run(tmp_path / "b", method, epochs=1)
     saved = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=False)
     assert set(saved["state_dict"]) - {META_KEY} == trainable
-    assert saved["state_dict"][META_KEY]["config"]["method"] == CONFIGS[method]().method
+    assert saved[META_KEY]["config"]["method"] == CONFIGS[method]().method
     resumed = _run(tmp_path / "b", method, epochs=2, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
     a, b = lp.trainable_state_dict(full), lp.trainable_state_dict(resumed)
     assert a.keys() == b.keys()

@@ -239,8 +239,9 @@ def test_peft_callback_restores_every_kadapter_and_resumes_bitwise(tmp_path: Pat
     full = _fit_two(tmp_path / "a", epochs=3)
     first = _fit_two(tmp_path / "b", epochs=1)
     path = tmp_path / "b" / "ckpt" / "last.ckpt"
-    saved = torch.load(path, weights_only=False)["state_dict"]
-    record = saved[META_KEY]["records"][0]  # one record per tuner member: K-Adapter is the only one
+    checkpoint = torch.load(path, weights_only=False)
+    saved = checkpoint["state_dict"]
+    record = checkpoint[META_KEY]["records"][0]  # one record per tuner member: K-Adapter is the only one
     assert [d["name"] for d in record["adapters"]] == ["fact", "ling"] and record["trainable"] == "ling"
     frozen = {k for k in saved if ".kadapters.adapters.fact." in k}
     assert frozen, "the frozen knowledge adapter is trained state: the checkpoint keeps it"
