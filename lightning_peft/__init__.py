@@ -31,6 +31,7 @@ from lightning_peft.tuners.adapterdrop import AdapterDropConfig, set_adapter_dro
 from lightning_peft.tuners.bitfit import BitFitConfig
 from lightning_peft.tuners.bottleneck import BottleneckConfig
 from lightning_peft.tuners.compacter import CompacterConfig, CompacterPlusPlusConfig
+from lightning_peft.tuners.early_exit import EarlyExitConfig
 from lightning_peft.tuners.fusion import FusionConfig, fusion_weights
 from lightning_peft.tuners.kadapter import (
     KAdapterConfig,
@@ -53,6 +54,7 @@ __all__ = [
     "BottleneckConfig",
     "CompacterConfig",
     "CompacterPlusPlusConfig",
+    "EarlyExitConfig",
     "FusionConfig",
     "KAdapterConfig",
     "LoRAConfig",
