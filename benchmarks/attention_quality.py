@@ -12,6 +12,7 @@ Sequences are ``--length`` tokens; sliding window gets a window of half that (ea
 ``length / 2`` keys). Everything is fixed before running; every variant is reported, including failures.
 
     python benchmarks/attention_quality.py                 # JSON + PNG in benchmarks/results/
+    python benchmarks/attention_quality.py --quick --out /tmp/aq.json   # smoke run: tiny random decoder
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, machine_info, write_json
+from common import add_quick_flag, apply_quick, machine_info, tiny_smollm2_config, write_json
 
 import lightning_peft as lp
 from lightning_peft.attention import available_attention, get_attention, swap_attention
@@ -148,12 +149,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="recovery steps")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/attention_quality.json)")
+    parser.add_argument("--png", help="plot path (default: the JSON path with .png)")
+    add_quick_flag(parser)
     args = parser.parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    # Quick: SmolLM2's tokenizer and text, a 2-layer width-32 random decoder, 1 recovery step, 2 sequences.
+    apply_quick(args, length=16, eval_chunks=2, steps=1, batch=2)
+    if args.quick and not args.out:
+        parser.error("--quick writes no results into benchmarks/results/: pass --out PATH")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     path = resolve_pretrained_path("smollm2")
-    base = AutoModelForCausalLM.from_pretrained(path)
+    if args.quick:
+        fields = tiny_smollm2_config(max_position_embeddings=args.length)
+        base = AutoModelForCausalLM.from_config(AutoConfig.for_model(**fields))
+    else:
+        base = AutoModelForCausalLM.from_pretrained(path)
     train, held_out = token_chunks(AutoTokenizer.from_pretrained(path), args.length)
     held_out = held_out[: args.eval_chunks]
     rows = [run_one(base, n, o, (train, held_out), args) for n, o in variants(args.length).items()]
@@ -165,8 +177,14 @@ def main(argv: list[str] | None = None) -> None:
         "not_measured": "perplexity at 2K/4K/8K context (CPU time on the shared 2-core machine)",
         "machine": machine_info(),
     }
-    print(f"wrote {write_json('attention_quality', payload)}")
-    plot(rows, RESULTS_DIR / "attention_quality.png")
+    if args.quick:
+        payload["quick"] = f"smoke run: random decoder {fields}; the numbers mean nothing"
+    out = write_json("attention_quality", payload, args.out)
+    print(f"wrote {out}")
+    plot(rows, Path(args.png) if args.png else out.with_suffix(".png"))
+    failed = [r["variant"] for r in rows if "error" in r]
+    if args.quick and failed:  # a smoke run is there to catch what a library change broke
+        sys.exit(f"--quick: variants failed: {failed} (errors in {out})")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,15 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # subprocesses a script launches (DDP ranks, memory children) run quick too.
 QUICK_ENV = "LIGHTNING_PEFT_BENCH_QUICK"
 TINY_BERT = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 2000}
+# The decoder shape of ``--quick`` runs of SmolLM2 benchmarks (grouped-query attention kept: 4 heads, 2 KV).
+TINY_LLAMA = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "intermediate_size": 64,
+}
 
 
 def add_quick_flag(parser: argparse.ArgumentParser) -> None:
@@ -136,6 +145,19 @@ def load_minilm() -> nn.Module:
     if quick():
         return BertModel(bert_config(num_hidden_layers=2))
     return AutoModel.from_pretrained(minilm_path())
+
+
+def tiny_smollm2_config(**overrides: Any) -> dict[str, Any]:
+    """SmolLM2-135M-Instruct's config (vocabulary, special tokens, RoPE) shrunk to ``TINY_LLAMA``, as the
+    ``{"model_type": "llama", ...}`` dict the task modules take: a random decoder that pairs with SmolLM2's
+    real tokenizer, for ``--quick`` runs."""
+    from transformers import AutoConfig
+
+    from lightning_peft.tasks.pretrained import resolve_pretrained_path
+
+    full = AutoConfig.from_pretrained(resolve_pretrained_path("smollm2")).to_dict()
+    keep = ("model_type", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")
+    return {**{k: full[k] for k in keep if k in full}, **TINY_LLAMA, **overrides}
 
 
 class EncoderClassifier(nn.Module):

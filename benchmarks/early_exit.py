@@ -20,6 +20,7 @@ Target (issue 11): at batch 32, >= 1.5x at <= 1 point of accuracy below the full
 
     python benchmarks/early_exit.py                  # both tasks, JSON + PNG in benchmarks/results/
     python benchmarks/early_exit.py --tasks demo --epochs 1 --rounds 2   # a quick look
+    python benchmarks/early_exit.py --quick --out /tmp/early_exit.json   # smoke run: tiny model, seconds
     # one process per task (what the README's numbers used, on a loaded 2-core machine):
     python benchmarks/early_exit.py --tasks demo --threads 1 --out benchmarks/results/early_exit_demo.json \
         --png benchmarks/results/early_exit_demo.png
@@ -30,6 +31,8 @@ Target (issue 11): at batch 32, >= 1.5x at <= 1 point of accuracy below the full
 from __future__ import annotations
 
 import argparse
+import csv
+import itertools
 import math
 import statistics
 import sys
@@ -43,7 +46,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, interleaved_times, load_minilm, machine_info, print_table, write_json
+from common import (
+    RESULTS_DIR,
+    TINY_BERT,
+    add_quick_flag,
+    apply_quick,
+    bert_config,
+    interleaved_times,
+    load_minilm,
+    machine_info,
+    print_table,
+    quick,
+    write_json,
+)
 from early_exit_data import task_files
 
 import lightning_peft as lp
@@ -52,6 +67,9 @@ from lightning_peft.tasks import TextClassificationData
 
 Batch = dict[str, torch.Tensor]
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# ``--quick``: rows of each split kept (the first ones of the file) and the tokenizer of the tiny model.
+QUICK_ROWS = {"train": 64, "val": 32}
+QUICK_DATA = {"tokenizer": "whitespace", "vocab_size": TINY_BERT["vocab_size"], "max_length": 16}
 
 
 def sweep(num_labels: int) -> list[lp.EarlyExitConfig]:
@@ -125,7 +143,8 @@ def time_rules(
     model: torch.nn.Module, batches: list[Batch], cfgs: list[lp.EarlyExitConfig], rounds: int
 ) -> dict[str, Any]:
     """Median / IQR wall time of one pass over ``batches`` per rule, and speed-ups over the full model."""
-    full = replace(cfgs[0], criterion="fixed", exit_layer=6, patience=1, threshold=None)
+    layers = model.config.num_hidden_layers  # 6 for MiniLM
+    full = replace(cfgs[0], criterion="fixed", exit_layer=layers, patience=1, threshold=None)
     rules = {"full": full, **{label(c): c for c in cfgs}}
     inputs = [{k: b[k] for k in INPUTS if k in b} for b in batches]
 
@@ -171,14 +190,31 @@ def head_cost(model: torch.nn.Module, batch: Batch, rounds: int) -> dict[str, fl
     return {"block_ms": b, "head_ms": hd, "head_over_block": hd / b}
 
 
+def head_rows(path: str, rows: int, out: Path) -> str:
+    """The header and first ``rows`` rows of the CSV at ``path``, written to ``out`` (``--quick``)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        kept = list(itertools.islice(csv.reader(f), rows + 1))
+    with out.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(kept)
+    return str(out)
+
+
 def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     train_csv, val_csv = task_files(task, workdir)
-    data = TextClassificationData(
-        train_csv, val_csv, tokenizer="minilm", max_length=64, batch_size=32, seed=0
-    )
+    tokenization: dict[str, Any] = {"tokenizer": "minilm", "max_length": 64}
+    if quick():  # a tiny random BERT (load_minilm) with a whitespace tokenizer of its vocabulary size
+        train_csv = head_rows(train_csv, QUICK_ROWS["train"], workdir / f"{task}_quick_train.csv")
+        val_csv = head_rows(val_csv, QUICK_ROWS["val"], workdir / f"{task}_quick_val.csv")
+        tokenization = QUICK_DATA
+    data = TextClassificationData(train_csv, val_csv, **tokenization, batch_size=32, seed=0)
     data.setup("fit")
     torch.manual_seed(0)
-    model = load_minilm()
+    if quick():  # MiniLM's 6 layers (the sweep's patience 3 needs them) at width 32, random weights
+        from transformers import BertModel
+
+        model = BertModel(bert_config(num_hidden_layers=6), add_pooling_layer=False)
+    else:
+        model = load_minilm()
     exits = lp.EarlyExitConfig(num_labels=data.num_labels, pooling="mean", head_pooler=False, patience=2)
     lp.inject(model, [lp.LoRAConfig(r=8, alpha=16, target_modules=["query", "value"]), exits])
     summary = lp.param_summary(model)
@@ -294,8 +330,15 @@ def main() -> None:
     parser.add_argument("--batch1", type=int, default=32, help="samples timed at batch size 1")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/early_exit.json)")
-    parser.add_argument("--png", default=str(RESULTS_DIR / "early_exit.png"))
+    parser.add_argument("--png", default=None, help="plot path (default: benchmarks/results/early_exit.png)")
+    add_quick_flag(parser)
     args = parser.parse_args()
+    # Quick: the bundled task only (the fortunes task needs a Debian package), one short epoch, one round.
+    apply_quick(args, tasks="demo", epochs=1, rounds=1, time_batches=1, batch1=4)
+    if args.quick and not args.out:
+        parser.error("--quick writes no results into benchmarks/results/: pass --out PATH")
+    if args.png is None:
+        args.png = str(Path(args.out).with_suffix(".png") if args.quick else RESULTS_DIR / "early_exit.png")
     if args.threads:
         torch.set_num_threads(args.threads)
     results, met = [], {}
@@ -311,6 +354,12 @@ def main() -> None:
         "target_met_by": met,
         "results": results,
     }
+    if args.quick:
+        payload["quick"] = (
+            f"smoke run: 6-layer random BERT ({TINY_BERT}), whitespace tokenizer, first {QUICK_ROWS} rows of "
+            "the demo task; the fortunes task is skipped (it needs the Debian package 'fortunes'). The "
+            "numbers mean nothing."
+        )
     path = write_json("early_exit", payload, args.out)
     plot(results, Path(args.png))
     print(f"\nwrote {path} and {args.png}")

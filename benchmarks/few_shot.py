@@ -17,6 +17,7 @@ at inference. Zero-shot: the pattern and verbalizer without training (no seed de
 
     .venv/bin/python benchmarks/few_shot.py                       # the README grid
     .venv/bin/python benchmarks/few_shot.py --seeds 0 --steps 2 --eval-size 16 --out /tmp/smoke.json
+    .venv/bin/python benchmarks/few_shot.py --quick --out /tmp/quick.json   # smoke run: tiny random decoder
 
 Results (accuracy per run, mean / std / median / IQR per cell, seconds per run) go to
 ``benchmarks/results/few_shot.json``, written after every run so a killed run keeps what it measured.
@@ -37,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning_peft as lp
+from benchmarks.common import add_quick_flag, apply_quick, quick, tiny_smollm2_config
 from benchmarks.few_shot_data import build as build_stdlib
 from lightning_peft.prompting.models import load_lm_tokenizer
 from lightning_peft.tasks.prompt_classifier import PromptClassifier
@@ -68,6 +70,14 @@ def smollm2_path() -> str:
         if not cached.is_dir():
             raise
         return str(cached)
+
+
+def model_source(path: str, tokenizer: bool) -> dict[str, Any]:
+    """The model arguments of a task module: the pretrained folder, or under ``--quick`` a 2-layer width-32
+    random decoder (``config``) with SmolLM2's tokenizer (``tokenizer=path`` when the module takes one)."""
+    if not quick():
+        return {"model_name_or_path": path}
+    return {"config": tiny_smollm2_config(), **({"tokenizer": path} if tokenizer else {})}
 
 
 def load_task(name: str) -> tuple[list[dict], list[dict], list[str]]:
@@ -125,7 +135,7 @@ def run_prompt(
     model = PromptClassifier(
         template=task["template"],
         verbalizer=task["verbalizer"],
-        model_name_or_path=path,
+        **model_source(path, tokenizer=True),
         max_length=128,
         demonstrations=args.demo_sets if demos else 0,
         soft_seed=seed,
@@ -172,7 +182,7 @@ def run_head(
     path: str, train: list[dict], val: list[dict], tuning: str, args: argparse.Namespace, seed: int
 ) -> float:
     torch.manual_seed(seed)
-    model = TextClassifier(model_name_or_path=path, num_labels=2, pooling="mean", dropout=0.1)
+    model = TextClassifier(**model_source(path, tokenizer=False), num_labels=2, pooling="mean", dropout=0.1)
     tok = load_lm_tokenizer(path)
     if tuning == "lora":
         lp.inject(model, lora(["q_proj", "v_proj"], save=["classifier"]))
@@ -233,14 +243,25 @@ def main() -> None:
     parser.add_argument("--eval-size", type=int, default=200)
     parser.add_argument("--eval-batch", type=int, default=32)
     parser.add_argument("--demo-sets", type=int, default=4)
-    parser.add_argument("--out", default=str(RESULTS / "few_shot.json"))
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/few_shot.json)")
+    add_quick_flag(parser)
     args = parser.parse_args()
+    # Quick: every task and method once, on a random decoder: 2 shots, 1 seed, 1 step, 4 validation examples.
+    apply_quick(args, shots=[2], seeds=[0], steps=1, batch_size=2, eval_size=4, eval_batch=4, demo_sets=1)
+    if args.quick and not args.out:
+        parser.error("--quick writes no results into benchmarks/results/: pass --out PATH")
+    args.out = args.out or str(RESULTS / "few_shot.json")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path = smollm2_path()
     runs: list[dict[str, Any]] = []
     meta = {
         "args": vars(args),
-        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 de-quantized to fp32)",
+        "model": (
+            f"quick smoke run: random decoder {tiny_smollm2_config()} with SmolLM2's tokenizer; the numbers "
+            "mean nothing"
+            if args.quick
+            else "SmolLM2-135M-Instruct (GGUF Q4_1 de-quantized to fp32)"
+        ),
         "python": sys.version.split()[0],
         "torch_threads": torch.get_num_threads(),
         "learning_rates": LR,

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-# Every script with a main() that writes results (common.py and the README renderer are helpers).
-HELPERS = {"common.py", "render_readme.py"}
+# Every script with a main() that writes results (common.py, the README renderer and the data modules that
+# scripts import are helpers).
+HELPERS = {"common.py", "render_readme.py", "early_exit_data.py", "few_shot_data.py"}
 # Scripts that run in a side environment of their own (``make adapterhub-counts``): here they must say so.
 SIDE_ENV = {"adapterhub_counts.py": "make adapterhub-counts"}
 SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name not in HELPERS | set(SIDE_ENV))
