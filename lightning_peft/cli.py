@@ -30,7 +30,9 @@ import contextlib
 import copy
 import json
 import os
+import re
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,15 +147,19 @@ class PEFTCLI(LightningCLI):
             "before": before,
             "after": after,
         }
+        keys = sorted(set(before) | set(after))
+        width = max([len("checkpoint"), *map(len, keys)]) + 1
         lines = [
             "",
             "==================== lightning-peft summary ====================",
-            f"parameters   : {summary}",
-            f"checkpoint   : {_mb(size)}  {path}" if path else "checkpoint   : none written",
+            f"{'parameters':<{width}}: {summary}",
+            f"{'checkpoint':<{width}}: " + (f"{_mb(size)}  {path}" if path else "none written"),
         ]
-        for key in sorted(set(before) | set(after)):
+        if best and best != path:
+            lines.append(f"{'best':<{width}}: {best}")
+        for key in keys:
             b, a = before.get(key), after.get(key)
-            lines.append(f"{key:<13}: {_fmt(b)} before -> {_fmt(a)} after")
+            lines.append(f"{key:<{width}}: {_fmt(b)} before -> {_fmt(a)} after")
         lines.append("=" * 64)
         print("\n".join(lines), flush=True)
         if path:
@@ -185,7 +191,29 @@ def _as_config_error() -> Iterator[None]:
     except (ValueError, TypeError, KeyError, ArgumentError) as err:
         if isinstance(err, ConfigError | CheckpointFileError):
             raise
-        raise ConfigError(str(err).strip() or type(err).__name__) from err
+        raise ConfigError(_core_message(str(err).strip()) or type(err).__name__) from err
+
+
+_UNION_NOISE = ("Expected a <class 'NoneType'>", "Not a valid subclass of")
+
+
+def _core_message(text: str) -> str:
+    """The errors inside jsonargparse's "Does not validate against any of the Union subtypes" report, without
+    the subtypes tried, the alternatives that could never fit (``None``, "not a subclass") and the value."""
+    keyed = re.fullmatch(r'(Parser key "[^"]+":)\n(.*)', text, flags=re.S)
+    if keyed:  # 'Parser key "model":' followed by the indented report
+        core = _core_message(textwrap.dedent(keyed.group(2)))
+        return f"{keyed.group(1)}\n" + textwrap.indent(core, "  ")
+    if not text.startswith("Does not validate against any of the Union subtypes") or "\nErrors:" not in text:
+        return text
+    body = text.split("\nErrors:", 1)[1].split("\nGiven value type:", 1)[0]
+    items = [item for item in re.split(r"\n  - ", "\n" + body.strip("\n")) if item.strip()]
+    kept = [
+        textwrap.dedent("  " + item).strip()
+        for item in items
+        if not item.lstrip("- ").startswith(_UNION_NOISE)
+    ]
+    return "\n".join(_core_message(item) for item in kept) if kept else text
 
 
 def _resolve_ckpt_path(ckpt_path: str | None, config: Namespace) -> Path | None:
@@ -294,7 +322,8 @@ def _dispatch(argv: list[str], args: list[str] | None) -> None:
         save_config_kwargs={"overwrite": True},
         # Keys that are not subcommand names configure the top-level parser only, so the subcommands'
         # own --help stays as LightningCLI formats it.
-        parser_kwargs={"epilog": EXPORT_HELP, "formatter_class": _HelpFormatter},
+        # exit_on_error=False: parse errors raise, and main() prints them as one message.
+        parser_kwargs={"epilog": EXPORT_HELP, "formatter_class": _HelpFormatter, "exit_on_error": False},
         args=args,
     )
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import yaml
 
 from lightning_peft.callbacks import PEFT
 from lightning_peft.callbacks.adapter_checkpoint import META_KEY
-from lightning_peft.cli import PEFTCLI, main
+from lightning_peft.cli import PEFTCLI, ConfigError, main
 from lightning_peft.tasks import TextClassifier
 
 CONFIGS_DIR = Path(__file__).parents[1] / "configs"
@@ -116,3 +119,101 @@ def test_summary_counts_every_trained_parameter_with_and_without_a_tuner(
     saved = sum(v.numel() for k, v in state.items() if k != META_KEY)
     assert summary["total_params"] > every  # the adapters join the base's parameters
     assert 0 < summary["trainable_params"] == saved < every / 10
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``last.ckpt`` of the tiny LoRA recipe (hidden size 32, 6 steps)."""
+    root = tmp_path_factory.mktemp("trained")
+    with contextlib.chdir(root):
+        main(["fit", "--config", str(CONFIGS_DIR / "tiny_lora.yaml")])
+    return root / "outputs/tiny_lora/checkpoints/last.ckpt"
+
+
+def test_ckpt_path_of_another_model_is_refused_naming_the_fields(
+    trained_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "outputs/tiny_lora/checkpoints"
+    folder.mkdir(parents=True)
+    shutil.copy(trained_ckpt, folder / "last.ckpt")
+    wider = ["--model.init_args.config.hidden_size", "64", "--model.init_args.learning_rate", "0.001"]
+    for ckpt in (str(folder / "last.ckpt"), "last"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(CONFIGS_DIR / "tiny_lora.yaml"), *wider, "--ckpt_path", ckpt])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "model.init_args.config.hidden_size: config 64, checkpoint 32" in err
+        assert "model.init_args.learning_rate: config 0.001, checkpoint 0.005" in err
+        assert "--model_from_ckpt true" in err and "Traceback" not in err
+    # A pretrained recipe with the tiny checkpoint: refused before the pretrained model is even built.
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS_DIR / "minilm_lora.yaml"),
+                "--ckpt_path",
+                str(folder / "last.ckpt"),
+            ]
+        )
+    err = capsys.readouterr().err
+    assert "model.init_args.model_name_or_path: config 'minilm', checkpoint None" in err
+    assert "model.init_args.config.hidden_size: config None, checkpoint 32" in err
+    # Asked for, the checkpoint's model is built (with a notice) and training resumes at the saved step.
+    started = []
+    monkeypatch.setattr(
+        TextClassifier, "on_train_start", lambda self: started.append(self.trainer.global_step)
+    )
+    args = ["--ckpt_path", "last", "--model_from_ckpt", "true", "--trainer.max_steps", "8"]
+    main(["fit", "--config", str(CONFIGS_DIR / "tiny_lora.yaml"), *wider, *args])
+    assert "model.init_args.config.hidden_size: config 64, checkpoint 32" in capsys.readouterr().err
+    resumed = torch.load(folder / "last.ckpt", weights_only=False)
+    assert started == [6] and resumed["global_step"] == 8
+    assert resumed["state_dict"]["classifier.weight"].shape == (2, 32)
+    assert resumed["hyper_parameters"]["learning_rate"] == 0.005
+
+
+def test_config_errors_print_the_message_alone_unless_asked_for_the_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    recipe = ["fit", "--config", str(CONFIGS_DIR / "tiny_lora.yaml")]
+    cases = [
+        (["--model.init_args.num_labels", "1"], "num_labels must be >= 2; got 1"),
+        (["--trainer.max_steps", "abc"], 'Parser key "trainer.max_steps"'),
+        (["--model.init_args.nonsense", "3"], "Option 'nonsense' is not accepted"),
+        (["--model.init_args.pooling", "max"], "Expected a typing.Literal['cls', 'mean']. Got value: max"),
+    ]
+    for extra, words in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*recipe, *extra])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and words in err, err
+        assert "Traceback" not in err and "Subtypes:" not in err and "NoneType" not in err, err
+        assert len(err.strip().splitlines()) <= 5, err
+    with pytest.raises(ConfigError, match="num_labels must be >= 2"):
+        main([*recipe, "--model.init_args.num_labels", "1", "--print-traceback"])
+    monkeypatch.setenv("LIGHTNING_PEFT_TRACEBACK", "1")
+    with pytest.raises(ConfigError, match="num_labels must be >= 2"):
+        main([*recipe, "--model.init_args.num_labels", "1"])
+
+
+def test_summary_json_is_written_to_a_temporary_file_and_renamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    renames: list[tuple[Path, Path]] = []
+    real_replace = os.replace
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        renames.append((Path(src), Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr("lightning_peft.cli.os.replace", replace)
+    main(["fit", "--config", str(CONFIGS_DIR / "tiny_lora.yaml"), "--trainer.max_steps", "2"])
+    folder = tmp_path / "outputs/tiny_lora/checkpoints"
+    ours = [(src, dst) for src, dst in renames if dst.name == "summary.json"]
+    assert len(ours) == 1 and ours[0][0].parent == folder and ours[0][0].name != "summary.json"
+    assert json.loads((folder / "summary.json").read_text())["trainable_params"] > 0
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "summary.json"]
