@@ -6,17 +6,21 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_peft.callbacks import PEFT
 from lightning_peft.callbacks.adapter_checkpoint import META_KEY
 from lightning_peft.cli import PEFTCLI, ConfigError, main
-from lightning_peft.tasks import TextClassifier
+from lightning_peft.tasks import LastCheckpoint, TextClassifier
 
 CONFIGS_DIR = Path(__file__).parents[1] / "configs"
 CONFIGS = sorted(CONFIGS_DIR.glob("*.yaml"))
@@ -217,3 +221,82 @@ def test_summary_json_is_written_to_a_temporary_file_and_renamed(
     assert len(ours) == 1 and ours[0][0].parent == folder and ours[0][0].name != "summary.json"
     assert json.loads((folder / "summary.json").read_text())["trainable_params"] > 0
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "summary.json"]
+
+
+# Runs a recipe and SIGKILLs itself when training reaches step KILL_AT (a real kill -9: no cleanup, no hooks).
+KILLED_RUN = """
+import os, signal, sys
+from lightning_peft.cli import main
+from lightning_peft.tasks import LastCheckpoint, TextClassifier
+
+kill_at, step = int(sys.argv[1]), TextClassifier.training_step
+
+def training_step(self, batch, batch_idx):
+    if self.trainer.global_step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self, batch, batch_idx)
+
+TextClassifier.training_step = training_step
+main(sys.argv[2:])
+"""
+
+
+def _minilm_checkpointing(recipe: dict) -> None:
+    """The tiny recipe with the pretrained recipes' checkpoint callbacks (monitored best included), saving
+    every 3 steps instead of 50."""
+    minilm = yaml.safe_load((CONFIGS_DIR / "minilm_lora.yaml").read_text())["trainer"]["callbacks"]
+    saving = [cb for cb in minilm if "every_n_train_steps" in cb["init_args"] or "monitor" in cb["init_args"]]
+    for cb in saving:
+        cb["init_args"]["dirpath"] = "outputs/tiny_lora/checkpoints"
+        if "every_n_train_steps" in cb["init_args"]:
+            cb["init_args"]["every_n_train_steps"] = 3
+    callbacks = recipe["trainer"]["callbacks"]
+    callbacks[:] = [cb for cb in callbacks if "Checkpoint" not in cb["class_path"]] + saving
+    recipe["trainer"]["max_steps"] = 40  # the bundled data has 32 batches of 16 per epoch
+
+
+def test_recipe_killed_mid_epoch_resumes_from_its_last_periodic_save_and_saves_the_final_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    recipe = _recipe(tmp_path, edit=_minilm_checkpointing)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, "7", "fit", "--config", str(recipe)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = tmp_path / "outputs/tiny_lora/checkpoints/last.ckpt"
+    assert last.is_file(), "nothing saved in the 7 steps before the kill"
+    assert torch.load(last, weights_only=False)["global_step"] == 6  # mid-epoch: step 6 of 32
+    started: list[int] = []
+    monkeypatch.setattr(
+        TextClassifier, "on_train_start", lambda self: started.append(self.trainer.global_step)
+    )
+    main(["fit", "--config", str(recipe), "--ckpt_path", "last", "--trainer.max_steps", "11"])
+    assert started == [6]
+    # 11 is no multiple of 3: the steps after the last periodic save are saved when fit ends.
+    assert torch.load(last, weights_only=False)["global_step"] == 11
+    summary = json.loads((last.parent / "summary.json").read_text())
+    assert (
+        summary["checkpoint"] == str(last.resolve())
+        or Path(summary["checkpoint"]).resolve() == last.resolve()
+    )
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_recipe_keeps_an_unmonitored_last_checkpoint(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = PEFTCLI(model_class=None, datamodule_class=None, run=False, args=["--config", str(path)])
+    saving = [cb for cb in cli.trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    last = [cb for cb in saving if isinstance(cb, LastCheckpoint)]
+    assert len(last) == 1 and last[0].monitor is None and last[0].save_last
+    assert cli.trainer.checkpoint_callback is last[0]  # the summary reports last.ckpt
+    text = path.read_text()
+    if "every 50 steps" in text or "monitor:" in text:  # what a pretrained recipe promises
+        assert last[0]._every_n_train_steps == 50
+        assert all(cb.save_last is not True for cb in saving if cb is not last[0])
