@@ -89,7 +89,8 @@ class CheckpointFileError(ValueError):
 
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format is a zip archive
-_PICKLE_MAGIC = b"\x80"  # torch's legacy format starts with a pickle protocol byte
+# torch's legacy (pre-zip) format starts with a pickled magic number
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
 def read_checkpoint(path: str | Path, *, weights_only: bool = True, trust_hint: str = "") -> dict[str, Any]:
@@ -117,31 +118,33 @@ def read_checkpoint(path: str | Path, *, weights_only: bool = True, trust_hint: 
             f"checkpoint {path} is empty (0 bytes): a write that never finished, or not a checkpoint"
         )
     with path.open("rb") as f:
-        head = f.read(4)
-    if head == _ZIP_MAGIC and not zipfile.is_zipfile(path):
+        head = f.read(32)
+    if head.startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(path):
         raise CheckpointFileError(
             f"checkpoint {path} is truncated ({size:,} bytes, the end of its archive is missing): the write "
             "was cut short (killed, disk full?); use an earlier checkpoint"
         )
-    if head != _ZIP_MAGIC and head[:1] != _PICKLE_MAGIC:
+    if not head.startswith(_ZIP_MAGIC) and _LEGACY_MAGIC not in head:
         raise CheckpointFileError(
-            f"{path} is not a PyTorch checkpoint (it starts with bytes {head.hex(' ')}, not a torch.save "
+            f"{path} is not a PyTorch checkpoint (it starts with bytes {head[:4].hex(' ')}, not a torch.save "
             "archive)"
         )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
+        if head.startswith(_ZIP_MAGIC) and _damaged_archive(path):
+            raise CheckpointFileError(
+                f"checkpoint {path} is damaged (its data fails the archive's checksum): the file changed "
+                "after it was written; use an earlier checkpoint"
+            ) from None
         if weights_only and "weights only load failed" in str(err).lower():
             raise CheckpointFileError(
                 f"checkpoint {path} holds objects beyond tensors and plain data, which safe loading refuses"
                 + (f"; if you trust the file, {trust_hint}" if trust_hint else "")
             ) from None
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise CheckpointFileError(
-            f"checkpoint {path} is damaged or not a PyTorch checkpoint ({err})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
-        raise CheckpointFileError(
-            f"checkpoint {path} is damaged or not a PyTorch checkpoint ({type(err).__name__}: {err})"
+            f"checkpoint {path} is damaged or not a PyTorch checkpoint ({type(err).__name__}: {first_line})"
         ) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointFileError(
@@ -149,6 +152,19 @@ def read_checkpoint(path: str | Path, *, weights_only: bool = True, trust_hint: 
             "with 'state_dict')"
         )
     return checkpoint
+
+
+def _damaged_archive(path: Path) -> bool:
+    """Whether the pickles of a zip checkpoint fail their CRC check or cannot be read (a damaged file, as
+    opposed to an intact one whose objects safe loading refuses). Tensor data is not read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith(".pkl"):
+                    archive.read(name)
+    except (zipfile.BadZipFile, UnicodeDecodeError, OSError, EOFError, ValueError):
+        return True
+    return False
 
 
 def _load_checkpoint(path: Path, trust: bool) -> dict[str, Any]:
