@@ -77,7 +77,11 @@ class PEFTCLI(LightningCLI):
             super().instantiate_classes()
 
     def _parse_ckpt_path(self) -> None:
-        """Compare the config's model with the one in ``--ckpt_path`` before LightningCLI overrides it."""
+        """Compare the config's model with the one in ``--ckpt_path`` before LightningCLI overrides it.
+
+        Replaces ``LightningCLI._parse_ckpt_path`` (Lightning 2.6), which merges the checkpoint's
+        ``hyper_parameters`` into the config without a word.
+        """
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -97,9 +101,10 @@ class PEFTCLI(LightningCLI):
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         try:
             merged = self.parser.parse_object({subcommand: {"model": hparams}}, copy.deepcopy(self.config))
-        except SystemExit:
+        except (SystemExit, ArgumentError, ValueError, TypeError) as err:
             raise ConfigError(
                 f"the model hyperparameters stored in {path} do not fit this command's model options"
+                + (f": {_core_message(str(err).strip())}" if not isinstance(err, SystemExit) else "")
             ) from None
         changes = _differences(config["model"], merged[subcommand]["model"])
         if changes and not config.get("model_from_ckpt"):

@@ -63,6 +63,12 @@ def _other_model_ckpt(folder: Path) -> Path:
     return folder / "other.ckpt"
 
 
+def _foreign_model_ckpt(folder: Path) -> Path:
+    hparams = {"_class_path": "torch.nn.Linear", "in_features": 3, "out_features": 2}
+    torch.save({"state_dict": {}, "hyper_parameters": hparams, "global_step": 1}, folder / "foreign.ckpt")
+    return folder / "foreign.ckpt"
+
+
 def _unsafe_ckpt(folder: Path) -> Path:
     torch.save({"state_dict": {}, "extra": Fraction(1, 3)}, folder / "objects.ckpt")
     return folder / "objects.ckpt"
@@ -276,6 +282,12 @@ CASES = [
         lambda d: _fit("--ckpt_path", str(_unsafe_ckpt(d))),
         SystemExit,
         ("objects.ckpt", "beyond tensors and plain data", "--weights_only false"),
+    ),
+    Case(
+        "fit --ckpt_path of a foreign model class",
+        lambda d: _fit("--ckpt_path", str(_foreign_model_ckpt(d))),
+        SystemExit,
+        ("foreign.ckpt", "do not fit this command's model options", "torch.nn.Linear"),
     ),
     Case(
         "fit bad num_labels",
