@@ -62,14 +62,24 @@ def read_numbered_records(path: str | Path, encoding: str = "utf-8") -> list[tup
     try:
         with path.open(newline="", encoding=encoding) as f:
             return _read_csv(f) if path.suffix.lower() == ".csv" else _read_jsonl(f, path)
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise ValueError(
-            f"{path}:{line}: not {err.encoding} text (byte 0x{err.object[err.start]:02x} at offset "
-            f"{err.start}); re-save the file as UTF-8 or give its encoding, e.g. encoding='latin-1'"
-        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(_decode_error(path, encoding)) from None
     except LookupError as err:
         raise ValueError(f"{path}: unknown encoding {encoding!r} ({err})") from None
+
+
+def _decode_error(path: Path, encoding: str) -> str:
+    """Where ``path`` stops being ``encoding`` text (the reader's error counts from its current chunk)."""
+    raw = path.read_bytes()
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        return (
+            f"{path}:{line}: not {encoding} text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+            "re-save the file as UTF-8 or give its encoding, e.g. encoding='latin-1'"
+        )
+    return f"{path}: not {encoding} text"
 
 
 def _read_csv(f: TextIO) -> list[tuple[int, dict[str, Any]]]:

@@ -176,6 +176,10 @@ def test_latin1_file_names_file_line_and_encoding_and_reads_with_the_option(tmp_
     path.write_bytes("text,label\nnice,pos\ncaf\u00e9 cr\u00e8me,neg\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"train\.csv:3: not utf-8 text \(byte 0xe9.*encoding='latin-1'"):
         make(path).setup("fit")
+    far = tmp_path / "far.csv"  # past the reader's first chunk: the line is still the file's
+    far.write_bytes(("text,label\n" + "plain text,pos\n" * 2000 + "na\u00efve,neg\n").encode("latin-1"))
+    with pytest.raises(ValueError, match=r"far\.csv:2002: not utf-8 text \(byte 0xef at offset 30013\)"):
+        make(far).setup("fit")
     data = make(path, encoding="latin-1")
     data.setup("fit")
     assert data.label_names == ["neg", "pos"] and len(data.datasets["train"]) == 2
