@@ -1,4 +1,5 @@
-"""Tasks the CLI and examples train: a generic text classifier, its data module and the bundled demo data."""
+"""Tasks the CLI and examples train: a generic text classifier, its data module, the bundled demo data, and
+the recipes' `LastCheckpoint` (last.ckpt every N steps and at the end of fit)."""
 
 from lightning_peft.tasks.data import PadCollator, TextClassificationData
 from lightning_peft.tasks.last_checkpoint import LastCheckpoint
