@@ -1,6 +1,6 @@
-"""Tasks the CLI and examples train: a text classifier (with optional early exits), a causal-LM fine-tune,
-prompt-based classifiers, their data modules, and the recipes' `LastCheckpoint` (last.ckpt every N steps and at
-the end of fit)."""
+"""Tasks the CLI and examples train: a text classifier (with optional early exits), a causal-LM
+fine-tune, prompt-based classifiers, their data modules, and the recipes' `LastCheckpoint` (last.ckpt
+every N steps and at the end of fit)."""
 
 from lightning_peft.tasks.causal_lm import CausalLM
 from lightning_peft.tasks.data import PadCollator, TextClassificationData
