@@ -46,7 +46,7 @@ from torch import nn
 
 import lightning_peft  # noqa: F401  (registers the tuners for class_path resolution)
 from lightning_peft.api import ParamSummary
-from lightning_peft.export_cli import CheckpointFileError, read_checkpoint
+from lightning_peft.checkpoint import CheckpointFileError, read_checkpoint
 
 __all__ = ["PEFTCLI", "ConfigError", "main", "trained_param_summary"]
 

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lightning_peft.api import inject, load_trainable_state_dict
+from lightning_peft.checkpoint import CheckpointFileError, read_checkpoint
 from lightning_peft.config import TunerConfig, config_from_dict
 from lightning_peft.export import export_merged, export_peft
 from lightning_peft.export.hf_peft import save_extras
@@ -82,89 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="unpickle arbitrary objects from the checkpoint (torch.load weights_only=False)",
     )
     return parser
-
-
-class CheckpointFileError(ValueError):
-    """A file given as a checkpoint is missing, empty, truncated, damaged or not a checkpoint at all."""
-
-
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format is a zip archive
-# torch's legacy (pre-zip) format starts with a pickled magic number
-_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
-
-
-def read_checkpoint(path: str | Path, *, weights_only: bool = True, trust_hint: str = "") -> dict[str, Any]:
-    """Load a ``torch.save`` checkpoint on the CPU, with errors that name the file and the cause.
-
-    Args:
-        path: The checkpoint file.
-        weights_only: Refuse to unpickle anything beyond tensors and plain data (``torch.load``'s safe mode).
-        trust_hint: How the caller's user allows unsafe loading (e.g. ``"add --trust-checkpoint"``); said
-            only when the file is a sound checkpoint that safe mode refuses.
-
-    Returns:
-        The checkpoint dict.
-
-    Raises:
-        CheckpointFileError: The file is missing, empty, truncated (a write cut short), not a checkpoint, or
-            holds objects that ``weights_only`` refuses.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointFileError(f"checkpoint {path} does not exist" + (" (it is a folder)" * path.is_dir()))
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointFileError(
-            f"checkpoint {path} is empty (0 bytes): a write that never finished, or not a checkpoint"
-        )
-    with path.open("rb") as f:
-        head = f.read(32)
-    if head.startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(path):
-        raise CheckpointFileError(
-            f"checkpoint {path} is truncated ({size:,} bytes, the end of its archive is missing): the write "
-            "was cut short (killed, disk full?); use an earlier checkpoint"
-        )
-    if not head.startswith(_ZIP_MAGIC) and _LEGACY_MAGIC not in head:
-        raise CheckpointFileError(
-            f"{path} is not a PyTorch checkpoint (it starts with bytes {head[:4].hex(' ')}, not a torch.save "
-            "archive)"
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
-        if head.startswith(_ZIP_MAGIC) and _damaged_archive(path):
-            raise CheckpointFileError(
-                f"checkpoint {path} is damaged (its data fails the archive's checksum): the file changed "
-                "after it was written; use an earlier checkpoint"
-            ) from None
-        if weights_only and "weights only load failed" in str(err).lower():
-            raise CheckpointFileError(
-                f"checkpoint {path} holds objects beyond tensors and plain data, which safe loading refuses"
-                + (f"; if you trust the file, {trust_hint}" if trust_hint else "")
-            ) from None
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise CheckpointFileError(
-            f"checkpoint {path} is damaged or not a PyTorch checkpoint ({type(err).__name__}: {first_line})"
-        ) from None
-    if not isinstance(checkpoint, dict):
-        raise CheckpointFileError(
-            f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict (a Lightning .ckpt is a dict "
-            "with 'state_dict')"
-        )
-    return checkpoint
-
-
-def _damaged_archive(path: Path) -> bool:
-    """Whether the pickles of a zip checkpoint fail their CRC check or cannot be read (a damaged file, as
-    opposed to an intact one whose objects safe loading refuses). Tensor data is not read."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for name in archive.namelist():
-                if name.endswith(".pkl"):
-                    archive.read(name)
-    except (zipfile.BadZipFile, UnicodeDecodeError, OSError, EOFError, ValueError):
-        return True
-    return False
 
 
 def _load_checkpoint(path: Path, trust: bool) -> dict[str, Any]:
