@@ -54,7 +54,7 @@ clean:
 COMPAT := .venv457
 test-compat:
 	$(PYTHON) -m venv $(COMPAT)
-	grep -v -E "^(transformers|tokenizers|huggingface_hub)==" constraints.txt > $(COMPAT)/constraints.txt
+	grep -v -E "^(transformers|tokenizers|huggingface_hub|sentence-transformers)==" constraints.txt > $(COMPAT)/constraints.txt
 	$(COMPAT)/bin/pip install -q -c $(COMPAT)/constraints.txt "transformers==4.57.6" -e ".[test]"
 	$(COMPAT)/bin/python -m pytest -q -n 2 tests/tuners tests/core tests/callbacks/test_peft.py \
 	  tests/attention/test_swap.py tests/callbacks/test_attention_swap.py

@@ -30,38 +30,97 @@ from lightning_peft.config import config_from_dict
 from lightning_peft.fingerprint import check_base
 from lightning_peft.layers import META_KEY
 
-__all__ = ["load_checkpoint", "read_checkpoint", "split_metadata"]
+__all__ = ["CheckpointFileError", "load_checkpoint", "read_checkpoint", "split_metadata"]
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``torch.load`` a checkpoint safely (``weights_only``), with errors that name the file and the cause
-    (missing, empty, truncated, not a checkpoint) instead of raw ``EOFError`` / ``OSError``."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"checkpoint {str(file)!r} does not exist")
-    if file.stat().st_size == 0:
-        raise ValueError(f"checkpoint {str(file)!r} is empty (0 bytes): it was not written to the end")
-    if file.suffix == ".safetensors":
+class CheckpointFileError(ValueError):
+    """A file given as a checkpoint is missing, empty, truncated, damaged or not a checkpoint at all."""
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format is a zip archive
+# torch's legacy (pre-zip) format starts with a pickled magic number
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def read_checkpoint(path: str | Path, *, weights_only: bool = True, trust_hint: str = "") -> dict[str, Any]:
+    """Load a ``torch.save`` checkpoint on the CPU, with errors that name the file and the cause.
+
+    Args:
+        path: The checkpoint file.
+        weights_only: Refuse to unpickle anything beyond tensors and plain data (``torch.load``'s safe mode).
+        trust_hint: How the caller's user allows unsafe loading (e.g. ``"add --trust-checkpoint"``); said
+            only when the file is a sound checkpoint that safe mode refuses.
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        CheckpointFileError: The file is missing, empty, truncated (a write cut short), not a checkpoint, or
+            holds objects that ``weights_only`` refuses.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
         from safetensors.torch import load_file
 
         try:
-            return dict(load_file(file))
-        except Exception as err:
-            raise ValueError(f"{str(file)!r} is not a readable safetensors file ({err})") from None
+            return dict(load_file(path))
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointFileError(f"{path} is not a readable safetensors file ({err})") from None
+    if not path.is_file():
+        raise CheckpointFileError(f"checkpoint {path} does not exist" + (" (it is a folder)" * path.is_dir()))
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointFileError(
+            f"checkpoint {path} is empty (0 bytes): a write that never finished, or not a checkpoint"
+        )
+    with path.open("rb") as f:
+        head = f.read(32)
+    if head.startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(path):
+        raise CheckpointFileError(
+            f"checkpoint {path} is truncated ({size:,} bytes, the end of its archive is missing): the write "
+            "was cut short (killed, disk full?); use an earlier checkpoint"
+        )
+    if not head.startswith(_ZIP_MAGIC) and _LEGACY_MAGIC not in head:
+        raise CheckpointFileError(
+            f"{path} is not a PyTorch checkpoint (it starts with bytes {head[:4].hex(' ')}, not a torch.save "
+            "archive)"
+        )
     try:
-        data = torch.load(file, map_location="cpu", weights_only=True)
-    except (EOFError, RuntimeError, zipfile.BadZipFile, pickle.UnpicklingError, OSError) as err:
-        truncated = zipfile.is_zipfile(file) is False and _starts_like_a_checkpoint(file)
-        what = "is truncated (cut off while being written)" if truncated else "is not a PyTorch checkpoint"
-        raise ValueError(f"checkpoint {str(file)!r} {what}: {type(err).__name__}: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"checkpoint {str(file)!r} holds a {type(data).__name__}, not a dict of tensors")
-    return data
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
+        if head.startswith(_ZIP_MAGIC) and _damaged_archive(path):
+            raise CheckpointFileError(
+                f"checkpoint {path} is damaged (its data fails the archive's checksum): the file changed "
+                "after it was written; use an earlier checkpoint"
+            ) from None
+        if weights_only and "weights only load failed" in str(err).lower():
+            raise CheckpointFileError(
+                f"checkpoint {path} holds objects beyond tensors and plain data, which safe loading refuses"
+                + (f"; if you trust the file, {trust_hint}" if trust_hint else "")
+            ) from None
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointFileError(
+            f"checkpoint {path} is damaged or not a PyTorch checkpoint ({type(err).__name__}: {first_line})"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointFileError(
+            f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict (a Lightning .ckpt is a dict "
+            "with 'state_dict')"
+        )
+    return checkpoint
 
 
-def _starts_like_a_checkpoint(file: Path) -> bool:
-    with file.open("rb") as handle:
-        return handle.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+def _damaged_archive(path: Path) -> bool:
+    """Whether the pickles of a zip checkpoint fail their CRC check or cannot be read (a damaged file, as
+    opposed to an intact one whose objects safe loading refuses). Tensor data is not read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith(".pkl"):
+                    archive.read(name)
+    except (zipfile.BadZipFile, UnicodeDecodeError, OSError, EOFError, ValueError):
+        return True
+    return False
 
 
 def split_metadata(checkpoint: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any] | None]:

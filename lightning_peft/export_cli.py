@@ -24,10 +24,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lightning_peft.api import inject, load_trainable_state_dict
+from lightning_peft.checkpoint import CheckpointFileError, read_checkpoint
 from lightning_peft.config import TunerConfig, config_from_dict
 from lightning_peft.export import export_merged, export_peft
 from lightning_peft.export.hf_peft import save_extras
@@ -35,7 +35,14 @@ from lightning_peft.fingerprint import base_fingerprint, compare_fingerprints
 from lightning_peft.layers import META_KEY
 from lightning_peft.targeting import matches
 
-__all__ = ["ExportError", "build_parser", "export_checkpoint", "main"]
+__all__ = [
+    "CheckpointFileError",
+    "ExportError",
+    "build_parser",
+    "export_checkpoint",
+    "main",
+    "read_checkpoint",
+]
 
 
 class ExportError(RuntimeError):
@@ -76,17 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_checkpoint(path: Path, trust: bool) -> dict[str, Any]:
-    if not path.is_file():
-        raise ExportError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as err:  # torch raises UnpicklingError subclasses and RuntimeErrors here
-        if trust:
-            raise
-        raise ExportError(
-            f"{path} holds objects beyond tensors and plain data ({type(err).__name__}); if you trust the "
-            "file, add --trust-checkpoint"
-        ) from err
+        return read_checkpoint(path, weights_only=not trust, trust_hint="add --trust-checkpoint")
+    except CheckpointFileError as err:
+        raise ExportError(str(err)) from None
 
 
 def _load_base(base: str, auto_class: str) -> nn.Module:

@@ -3,6 +3,8 @@ lightning_peft (peft for the adapter folder, plain transformers for the merged m
 
 from __future__ import annotations
 
+import re
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from transformers import AutoModel
 import lightning_peft as lp
 from lightning_peft.callbacks import PEFT
 from lightning_peft.cli import main
+from lightning_peft.export_cli import CheckpointFileError, read_checkpoint
 from tests.conftest import tiny_model
 from tests.lit_helpers import TinyClassifier, tiny_loader, trainer
 
@@ -80,3 +83,55 @@ def test_export_refuses_a_wrong_module_path(run, tmp_path: Path, capsys) -> None
     with pytest.raises(SystemExit):
         main(["export", "--checkpoint", str(ckpt), "--base", str(base), "--module", "model", "--out", "x"])
     assert "Top-level names in it: ['backbone']" in capsys.readouterr().err
+
+
+def _corrupt_copies(ckpt: Path, folder: Path) -> dict[str, tuple[Path, str]]:
+    """Broken checkpoint files and the words their error must contain."""
+    data = ckpt.read_bytes()
+    noise = bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist())
+    files = {
+        "truncated": (data[: len(data) // 2], "is truncated"),
+        "cut_at_end": (data[:-10], "is truncated"),
+        "empty": (b"", "is empty (0 bytes)"),
+        "random": (b"\x13" + noise, "is not a PyTorch checkpoint"),
+        "random_pickle_byte": (b"\x80\x02" + noise, "is not a PyTorch checkpoint"),
+        "bad_zip_member": (data[:30] + noise[:200] + data[230:], "is damaged (its data fails the archive's"),
+        "text": (b"epoch=3 step=120\n", "is not a PyTorch checkpoint"),
+    }
+    out = {}
+    for name, (content, words) in files.items():
+        (folder / f"{name}.ckpt").write_bytes(content)
+        out[name] = (folder / f"{name}.ckpt", words)
+    return out
+
+
+def test_export_of_a_corrupt_checkpoint_names_the_file_and_the_cause(run, tmp_path: Path, capsys) -> None:
+    base, ckpt, _ = run
+    for path, words in _corrupt_copies(ckpt, tmp_path).values():
+        with pytest.raises(SystemExit) as exit_info:
+            _export(path, base, tmp_path / "out", "peft")
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and str(path) in err and words in err, err
+        assert "--trust-checkpoint" not in err and "weights_only" not in err, err  # not the cause
+    assert not (tmp_path / "out").exists()
+
+
+def test_read_checkpoint_errors(run, tmp_path: Path) -> None:
+    _, ckpt, _ = run
+    for path, words in _corrupt_copies(ckpt, tmp_path).values():
+        with pytest.raises(CheckpointFileError, match=re.escape(words)):
+            read_checkpoint(path)
+    with pytest.raises(CheckpointFileError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing.ckpt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(CheckpointFileError, match="holds a Tensor, not a checkpoint dict"):
+        read_checkpoint(tmp_path / "tensor.pt")
+    # A sound file with objects that safe loading refuses: that, and only that, points to the trust option.
+    torch.save({"state_dict": {}, "extra": Fraction(1, 3)}, tmp_path / "objects.ckpt")
+    with pytest.raises(
+        CheckpointFileError,
+        match="beyond tensors and plain data, which safe loading refuses; if you trust the file, add -x",
+    ):
+        read_checkpoint(tmp_path / "objects.ckpt", trust_hint="add -x")
+    assert read_checkpoint(tmp_path / "objects.ckpt", weights_only=False)["extra"] == Fraction(1, 3)
+    assert set(read_checkpoint(ckpt)) >= {"state_dict", "global_step"}

@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import lightning as L
 import torch
@@ -31,19 +31,27 @@ _INT_RE = re.compile(r"-?\d+")
 Example = dict[str, Any]
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
+def read_records(path: str | Path, encoding: str = "utf-8") -> list[dict[str, Any]]:
     """Read a ``.csv`` (with a header row) or ``.jsonl`` / ``.ndjson`` (one JSON object per line) file.
 
     Args:
         path: The file.
+        encoding: Text encoding of the file.
 
     Returns:
         One dict per row.
 
     Raises:
         FileNotFoundError: The file does not exist.
-        ValueError: Unknown extension, or a JSONL line that is not a JSON object.
+        ValueError: Unknown extension, text that is not in ``encoding``, or a JSONL line that is not a JSON
+            object.
     """
+    return [record for _, record in read_numbered_records(path, encoding)]
+
+
+def read_numbered_records(path: str | Path, encoding: str = "utf-8") -> list[tuple[int, dict[str, Any]]]:
+    """Like :func:`read_records`, with each record's line number (1-based, the header is line 1 of a CSV; a
+    CSV row whose quoted text spans lines gets its last line)."""
     path = Path(path).expanduser()
     if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
         raise ValueError(
@@ -51,23 +59,46 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         )
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path} (absolute: {path.resolve()})")
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+    try:
+        with path.open(newline="", encoding=encoding) as f:
+            return _read_csv(f) if path.suffix.lower() == ".csv" else _read_jsonl(f, path)
+    except UnicodeDecodeError:
+        raise ValueError(_decode_error(path, encoding)) from None
+    except LookupError as err:
+        raise ValueError(f"{path}: unknown encoding {encoding!r} ({err})") from None
+
+
+def _decode_error(path: Path, encoding: str) -> str:
+    """Where ``path`` stops being ``encoding`` text (the reader's error counts from its current chunk)."""
+    raw = path.read_bytes()
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        return (
+            f"{path}:{line}: not {encoding} text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+            "re-save the file as UTF-8 or give its encoding, e.g. encoding='latin-1'"
+        )
+    return f"{path}: not {encoding} text"
+
+
+def _read_csv(f: TextIO) -> list[tuple[int, dict[str, Any]]]:
+    reader = csv.DictReader(f)
+    return [(reader.line_num, record) for record in reader]
+
+
+def _read_jsonl(f: TextIO, path: Path) -> list[tuple[int, dict[str, Any]]]:
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}"
-                )
-            records.append(record)
+    for lineno, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
+        records.append((lineno, record))
     return records
 
 
@@ -161,6 +192,8 @@ class TextClassificationData(L.LightningDataModule):
         batch_size: Examples per batch (per device).
         num_workers: DataLoader worker processes.
         seed: Seed of the training shuffle order (the same seed gives the same order every run).
+        encoding: Text encoding of the files (``"utf-8"``; e.g. ``"latin-1"`` for files saved by older
+            spreadsheet programs). A file that is not valid in it is an error naming the file and line.
     """
 
     def __init__(
@@ -177,6 +210,7 @@ class TextClassificationData(L.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 42,
+        encoding: str = "utf-8",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -194,6 +228,7 @@ class TextClassificationData(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.encoding = encoding
         self.tokenizer = HashTokenizer(vocab_size) if tokenizer == "whitespace" else load_tokenizer(tokenizer)
         self._label_names = list(label_names) if label_names is not None else None
         self.datasets: dict[str, list[Example]] = {}
@@ -203,7 +238,7 @@ class TextClassificationData(L.LightningDataModule):
         """Label names by id (reads the training labels on first use when not given)."""
         if self._label_names is None:
             records = self._read("train")
-            self._label_names = infer_label_names([r[self.label_column] for r in records])
+            self._label_names = infer_label_names([r[self.label_column] for _, r in records])
         return self._label_names
 
     @property
@@ -284,37 +319,44 @@ class TextClassificationData(L.LightningDataModule):
             collate_fn=PadCollator(self.pad_token_id),
         )
 
-    def _read(self, split: str) -> list[dict[str, Any]]:
+    def _read(self, split: str) -> list[tuple[int, dict[str, Any]]]:
+        """The split's ``(line, row)`` pairs, each row with a text and a non-empty label (errors name the
+        file and line)."""
         path = self.paths[split]
         assert path is not None
-        records = read_records(path)
+        records = read_numbered_records(path, self.encoding)
         if not records:
             raise ValueError(f"{split} file {path} has no rows")
-        present = list(records[0])
+        present = list(records[0][1])
         for column in (self.text_column, self.label_column):
             if column not in present:
                 raise ValueError(
                     f"{split} file {path} has no column {column!r}; columns present: {present}. "
                     "Set text_column / label_column."
                 )
+        for line, record in records:
+            for column in (self.text_column, self.label_column):
+                value = record.get(column)
+                if value is None or (column == self.label_column and not str(value).strip()):
+                    what = "no" if value is None else "an empty"
+                    raise ValueError(
+                        f"{path}:{line}: {split} row has {what} {column!r} value; every row needs a text and "
+                        "a label (fill it in or remove the row)"
+                    )
         return records
 
     def _encode(self, split: str) -> list[Example]:
         records = self._read(split)
         index = {name: i for i, name in enumerate(self.label_names)}
         texts, labels = [], []
-        for row, record in enumerate(records, start=1):
-            text, label = record.get(self.text_column), record.get(self.label_column)
-            if text is None or label is None:
-                missing = self.text_column if text is None else self.label_column
-                raise ValueError(f"{split} file {self.paths[split]}: row {row} has no {missing!r}")
-            key = label_key(label)
+        for line, record in records:
+            key = label_key(record[self.label_column])
             if key not in index:
                 raise ValueError(
-                    f"{split} file {self.paths[split]}: row {row} has label {key!r}, not among the training "
+                    f"{self.paths[split]}:{line}: {split} row has label {key!r}, not among the training "
                     f"labels {self.label_names}; pass label_names=[...] to fix the label set"
                 )
-            texts.append(str(text))
+            texts.append(str(record[self.text_column]))
             labels.append(index[key])
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]

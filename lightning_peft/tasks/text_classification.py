@@ -26,6 +26,22 @@ from lightning_peft.tasks.pretrained import encoder_from_config, load_encoder, r
 Pooling = Literal["cls", "mean"]
 
 
+def _split_metrics(num_labels: int) -> nn.ModuleDict:
+    """The epoch-level metrics of one split, keyed by the name they are logged under (``val/<name>``).
+
+    ``acc`` is accuracy, the fraction of correct predictions (``average="micro"``). ``balanced_acc`` is
+    balanced accuracy (Brodersen et al. 2010), the mean of the per-class recalls (``average="macro"``).
+    ``f1`` is macro F1.
+    """
+    return nn.ModuleDict(
+        {
+            "acc": MulticlassAccuracy(num_labels, average="micro"),
+            "balanced_acc": MulticlassAccuracy(num_labels, average="macro"),
+            "f1": MulticlassF1Score(num_labels, average="macro"),
+        }
+    )
+
+
 class TextClassifier(L.LightningModule):
     """Encoder (``self.backbone``) -> pooling -> dropout -> linear head (``self.classifier``).
 
@@ -106,10 +122,10 @@ class TextClassifier(L.LightningModule):
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.backbone.config.hidden_size, num_labels)
-        self.val_acc = MulticlassAccuracy(num_labels)
-        self.val_f1 = MulticlassF1Score(num_labels, average="macro")
-        self.test_acc = MulticlassAccuracy(num_labels)
-        self.test_f1 = MulticlassF1Score(num_labels, average="macro")
+        # Accuracy is the fraction of correct predictions (micro). torchmetrics' default, "macro", is the
+        # mean per-class recall, i.e. balanced accuracy: logged under that name, apart.
+        self.val_metrics = _split_metrics(num_labels)
+        self.test_metrics = _split_metrics(num_labels)
         self._exit_timer: ExitTimer | None = None
 
     def forward(
@@ -164,12 +180,12 @@ class TextClassifier(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Log ``val/loss``, ``val/acc`` and macro ``val/f1`` (epoch-level)."""
-        self._evaluate(batch, "val", self.val_acc, self.val_f1)
+        """Log ``val/loss``, ``val/acc``, ``val/balanced_acc`` and macro ``val/f1`` (epoch-level)."""
+        self._evaluate(batch, "val", self.val_metrics)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Log ``test/loss``, ``test/acc`` and macro ``test/f1`` (epoch-level)."""
-        self._evaluate(batch, "test", self.test_acc, self.test_f1)
+        """Log ``test/loss``, ``test/acc``, ``test/balanced_acc`` and macro ``test/f1`` (epoch-level)."""
+        self._evaluate(batch, "test", self.test_metrics)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Predicted class ids ``(B,)`` (with exit heads: each sample at its own exit)."""
@@ -178,25 +194,22 @@ class TextClassifier(L.LightningModule):
             return exit_predict(self.backbone, **inputs)[0].argmax(-1)
         return self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).argmax(-1)
 
-    def _evaluate(
-        self, batch: dict[str, torch.Tensor], split: str, acc: MulticlassAccuracy, f1: MulticlassF1Score
-    ) -> None:
+    def _evaluate(self, batch: dict[str, torch.Tensor], split: str, metrics: nn.ModuleDict) -> None:
         heads, size = exit_heads_of(self.backbone), batch["labels"].shape[0]
         if heads is not None:
             check_num_labels(heads, self.hparams.num_labels)
             if self._exit_timer is None and self.hparams.exit_timing:
                 self._exit_timer = ExitTimer()
-            loss, logits, metrics = exit_eval(self.backbone, heads, batch, self._exit_timer)
-            for name, value in metrics.items():
+            loss, logits, exit_metrics = exit_eval(self.backbone, heads, batch, self._exit_timer)
+            for name, value in exit_metrics.items():
                 self.log(f"{split}/{name}", value, batch_size=size, sync_dist=True)
         else:
             logits, loss = self._logits_and_loss(batch)
-        preds = logits.argmax(-1)
-        acc.update(preds, batch["labels"])
-        f1.update(preds, batch["labels"])
+        preds = logits.argmax(-1)  # (B,)
         self.log(f"{split}/loss", loss, batch_size=size, sync_dist=True)
-        self.log(f"{split}/acc", acc, prog_bar=split == "val", batch_size=size)
-        self.log(f"{split}/f1", f1, batch_size=size)
+        for name, metric in metrics.items():
+            metric.update(preds, batch["labels"])
+            self.log(f"{split}/{name}", metric, prog_bar=split == "val" and name == "acc", batch_size=size)
 
     def on_validation_epoch_end(self) -> None:
         """With exit heads and ``exit_timing``: log the epoch's wall-clock speed-up over the full model."""

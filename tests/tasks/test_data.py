@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_peft.tasks import HashTokenizer, PadCollator, TextClassificationData
-from lightning_peft.tasks.data import infer_label_names, label_key
+from lightning_peft.tasks.data import infer_label_names, label_key, read_records
 from tests.tasks.conftest import TINY_VOCAB, write_rows
 
 ROWS = [
@@ -65,7 +65,9 @@ def test_explicit_label_names_and_unknown_label(tmp_path: Path) -> None:
     assert [e["labels"] for e in data.datasets["train"]] == [0, 1, 2, 1]
     val = write_rows(tmp_path / "val.csv", [{"review": "meh", "sentiment": "mixed"}])
     data = make(train, val_path=str(val), text_column="review", label_column="sentiment")
-    with pytest.raises(ValueError, match=r"row 1 has label 'mixed'.*\['neg', 'neutral', 'pos'\]"):
+    with pytest.raises(
+        ValueError, match=r"val\.csv:2: val row has label 'mixed'.*\['neg', 'neutral', 'pos'\]"
+    ):
         data.setup("fit")
 
 
@@ -89,7 +91,7 @@ def test_bad_jsonl_line_and_missing_value(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"train.jsonl:2: expected a JSON object"):
         make(bad).setup("fit")
     holes = write_rows(tmp_path / "holes.jsonl", [{"text": "a", "label": 0}, {"text": None, "label": 1}])
-    with pytest.raises(ValueError, match=r"row 2 has no 'text'"):
+    with pytest.raises(ValueError, match=r"holes\.jsonl:2: train row has no 'text' value"):
         make(holes).setup("fit")
 
 
@@ -155,3 +157,30 @@ def test_default_is_the_bundled_demo_task_with_minilm_tokenizer() -> None:
 def test_tokenizer_folder_must_exist(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="never downloads"):
         TextClassificationData(tokenizer="bert-base-uncased")
+
+
+def test_empty_label_cell_is_an_error_naming_file_and_line(tmp_path: Path) -> None:
+    # A blank label would otherwise become a class of its own ("" sorts first) and shift every label id.
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\ngood film,pos\nbad film,\nawful,neg\n")
+    with pytest.raises(ValueError, match=r"train\.csv:3: train row has an empty 'label' value"):
+        _ = make(path).num_labels
+    spaces = tmp_path / "spaces.jsonl"
+    spaces.write_text('{"text": "a", "label": "pos"}\n\n{"text": "b", "label": "  "}\n')
+    with pytest.raises(ValueError, match=r"spaces\.jsonl:3: train row has an empty 'label'"):
+        make(spaces).setup("fit")
+
+
+def test_latin1_file_names_file_line_and_encoding_and_reads_with_the_option(tmp_path: Path) -> None:
+    path = tmp_path / "train.csv"
+    path.write_bytes("text,label\nnice,pos\ncaf\u00e9 cr\u00e8me,neg\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"train\.csv:3: not utf-8 text \(byte 0xe9.*encoding='latin-1'"):
+        make(path).setup("fit")
+    far = tmp_path / "far.csv"  # past the reader's first chunk: the line is still the file's
+    far.write_bytes(("text,label\n" + "plain text,pos\n" * 2000 + "na\u00efve,neg\n").encode("latin-1"))
+    with pytest.raises(ValueError, match=r"far\.csv:2002: not utf-8 text \(byte 0xef at offset 30013\)"):
+        make(far).setup("fit")
+    data = make(path, encoding="latin-1")
+    data.setup("fit")
+    assert data.label_names == ["neg", "pos"] and len(data.datasets["train"]) == 2
+    assert read_records(path, encoding="latin-1")[1]["text"] == "caf\u00e9 cr\u00e8me"

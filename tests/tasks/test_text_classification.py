@@ -198,3 +198,34 @@ def test_mean_pooling_counts_prepended_virtual_tokens() -> None:
     pooled = model.pool(hidden, mask)
     torch.testing.assert_close(pooled[0], hidden[0, :4].mean(0))
     torch.testing.assert_close(pooled[1], hidden[1].mean(0))
+
+
+def test_accuracy_is_the_fraction_correct_and_balanced_accuracy_has_its_own_name(
+    tmp_path: Path, tiny_config: dict[str, Any]
+) -> None:
+    # Imbalanced labels (a: 6, b: 3, c: 1) and a head that predicts "a" for everything: 60% of the predictions
+    # are correct, the mean per-class recall is (1 + 0 + 0) / 3.
+    rows = [{"text": f"w{i} x", "label": label} for i, label in enumerate("aaaaaabbbc")]
+    path = write_rows(tmp_path / "imbalanced.csv", rows)
+    data = TextClassificationData(
+        str(path), str(path), tokenizer="whitespace", vocab_size=TINY_VOCAB, batch_size=4
+    )
+    model = TextClassifier(config=tiny_config, num_labels=3)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([2.0, 0.0, 1.0]))
+    labels, preds = [], []
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            preds += model.eval()(batch["input_ids"], batch["attention_mask"]).argmax(-1).tolist()
+            labels += batch["labels"].tolist()
+    accuracy = sum(p == y for p, y in zip(preds, labels, strict=True)) / len(labels)
+    recalls = [
+        sum(p == y == c for p, y in zip(preds, labels, strict=True)) / labels.count(c) for c in set(labels)
+    ]
+    assert (accuracy, sum(recalls) / len(recalls)) == pytest.approx((0.6, 1 / 3))
+    for split, run in (("val", "validate"), ("test", "test")):
+        data.paths["test"] = str(path)
+        results = getattr(trainer(tmp_path), run)(model, datamodule=data, verbose=False)[0]
+        assert results[f"{split}/acc"] == pytest.approx(accuracy)
+        assert results[f"{split}/balanced_acc"] == pytest.approx(sum(recalls) / len(recalls))
