@@ -161,7 +161,7 @@ def test_windowed_variant_with_prefix_and_kv_cache_equals_the_full_forward(make)
     calls: list[tuple[int, int]] = []
     variant = next(m.attention_variant for m in model.modules() if "attention_variant" in m._modules)
     variant.register_forward_hook(
-        lambda _m, _a, kw, _o: calls.append((kw["num_prefix"], kw["num_cached"])), with_kwargs=True
+        lambda _m, _a, kw, _o: calls.append((kw["num_prefix"], kw.get("num_cached", 0))), with_kwargs=True
     )
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits  # (B, 20, V)
