@@ -216,13 +216,6 @@ def variant_attention(
     """
     if kwargs.get("head_mask") is not None:
         raise NotImplementedError("swapped attention does not support head_mask")
-    num_cached = key.shape[2] - query.shape[2] - num_prefix
-    if num_prefix < 0 or num_cached < 0:
-        raise ValueError(
-            f"swapped attention got {query.shape[2]} queries, {key.shape[2]} keys and "
-            f"num_prefix={num_prefix}: the keys must be the prefix keys, then any cached keys, then one per "
-            "query"
-        )
     groups = int(getattr(module, "num_key_value_groups", 1))
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, Tk, D)
     padding = key_padding_from_mask(attention_mask, key.shape[2])
@@ -233,6 +226,13 @@ def variant_attention(
             query, key, value, attn_mask=None if padding is None else padding[:, None, None, :], scale=scale
         )
     else:
+        num_cached = key.shape[2] - query.shape[2] - num_prefix  # keys of earlier tokens, from a KV cache
+        if num_prefix < 0 or num_cached < 0:
+            raise ValueError(
+                f"swapped attention got {query.shape[2]} queries, {key.shape[2]} keys and "
+                f"num_prefix={num_prefix}: the keys must be the prefix keys, then any cached keys, then one "
+                "per query"
+            )
         out = variant(
             query,
             key,
