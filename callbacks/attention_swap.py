@@ -245,7 +245,8 @@ def explain_load_error(trainer: L.Trainer, exception: BaseException) -> None:
     keys, an error raised inside the load, before any callback sees the checkpoint. This adds a note naming
     the recorded variant and the callback to add (the error itself is unchanged).
     """
-    if not isinstance(exception, RuntimeError) or ".attention_variant." not in str(exception):
+    lines = str(exception).splitlines() if isinstance(exception, RuntimeError) else []
+    if not any("Unexpected key(s)" in line and ".attention_variant." in line for line in lines):
         return
     connector = getattr(trainer, "_checkpoint_connector", None)
     checkpoint = getattr(connector, "_loaded_checkpoint", None) or {}

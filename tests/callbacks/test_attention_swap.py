@@ -4,6 +4,7 @@ the PEFT callback refuses a recorded variant that the model does not run (the ca
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -14,7 +15,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from lightning_peft import LoRAConfig
 from lightning_peft.attention.swap import swap_attention, swapped
 from lightning_peft.callbacks import PEFT, AttentionSwap
-from lightning_peft.callbacks.attention_swap import CHECKPOINT_KEY
+from lightning_peft.callbacks.attention_swap import CHECKPOINT_KEY, explain_load_error
 
 
 def tiny_bert() -> BertForSequenceClassification:
@@ -284,3 +285,21 @@ def test_a_variant_with_parameters_fails_on_unexpected_keys_naming_the_variant(t
     (note,) = caught.value.__notes__
     assert "needs attention 'linformer' with options {'proj_dim': 4}" in note
     assert "add AttentionSwap('linformer', target='model', proj_dim=4)" in note
+
+
+def test_the_note_goes_to_unexpected_variant_keys_only() -> None:
+    record = {"variant": "linformer", "options": {"proj_dim": 4}}
+    trainer = SimpleNamespace(
+        _checkpoint_connector=SimpleNamespace(_loaded_checkpoint={CHECKPOINT_KEY: record}),
+        lightning_module=None,
+    )
+    header = "Error(s) in loading state_dict for M:\n\t"
+    missing = RuntimeError(header + 'Missing key(s) in state_dict: "m.attention.self.attention_variant.E".')
+    other = RuntimeError(header + 'Unexpected key(s) in state_dict: "m.classifier.weight".')
+    unexpected = RuntimeError(
+        header + 'Unexpected key(s) in state_dict: "m.attention.self.attention_variant.E".'
+    )
+    for error in (missing, other, unexpected):
+        explain_load_error(trainer, error)  # type: ignore[arg-type]
+    assert not hasattr(missing, "__notes__") and not hasattr(other, "__notes__")
+    assert "needs attention 'linformer' with options {'proj_dim': 4}" in unexpected.__notes__[0]
