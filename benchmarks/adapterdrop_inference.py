@@ -28,7 +28,17 @@ from transformers import BertConfig, BertModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import interleaved_times, machine_info, print_table, random_batch, summarize, write_json
+from common import (
+    add_quick_flag,
+    apply_quick,
+    bert_config,
+    interleaved_times,
+    machine_info,
+    print_table,
+    random_batch,
+    summarize,
+    write_json,
+)
 
 import lightning_peft as lp
 from lightning_peft.tuners.adapterdrop import drop_lowest
@@ -36,7 +46,7 @@ from lightning_peft.tuners.adapterdrop import drop_lowest
 
 def build(adapters: bool) -> nn.Module:
     torch.manual_seed(0)
-    model = BertModel(BertConfig(), add_pooling_layer=False).eval()
+    model = BertModel(bert_config(), add_pooling_layer=False).eval()
     if adapters:
         lp.inject(model, lp.BottleneckConfig(style="houlsby"))
     return model
@@ -70,11 +80,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least disturbed by neighbours)")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/)")
+    add_quick_flag(ap)
     args = ap.parse_args(argv)
+    apply_quick(args, rounds=1, warmup=0, batch=1, seq=16)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    batch = random_batch(args.batch, args.seq, BertConfig().vocab_size)
+    batch = random_batch(args.batch, args.seq, bert_config().vocab_size)
     adapted, base = build(True), build(False)
     layers = len(adapted.encoder.layer)
     fns = {f"drop_{n}": make_forward(adapted, batch, n) for n in range(layers)}
@@ -84,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     full, full_min = stats["drop_0"]["median_ms"], stats["drop_0"]["min_ms"]
     floor = stats["base_no_adapters"]["median_ms"]
-    share = adapter_mac_share(BertConfig(), args.seq)
+    share = adapter_mac_share(bert_config(), args.seq)
     rows = []
     for n, name in enumerate(fns):
         ms, best = stats[name]["median_ms"], stats[name]["min_ms"]

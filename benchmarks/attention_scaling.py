@@ -12,7 +12,14 @@ fused ``scaled_dot_product_attention`` (no mask) run one forward plus backward o
   marks a run where the peak could not be reset and an earlier peak hides part of the rise. On CUDA it is
   ``torch.cuda.max_memory_allocated`` minus the allocation before the call. The child runs under an
   address-space limit (``--mem-limit-gb``), so a variant that cannot fit fails cleanly and is skipped at that
-  and longer lengths.
+  and longer lengths (the JSON records the failure). Before the measured call the child runs the method once
+  at a short length, so one-time lazy set-up is not counted as the call's memory.
+
+Other libraries' windowed attention runs in the same process at the same shapes and window (bench extra):
+HF ``LongformerSelfAttention`` (which also computes its own q/k/v projections from hidden states) and
+lucidrains ``local-attention`` (``LocalAttention`` with ``exact_windowsize=True``: the same keys per query
+as ours at lengths that are multiples of ``window // 2``; the JSON's ``parity`` holds the largest output
+difference).
 
 Outputs an LRA-style table, ``benchmarks/results/attention_scaling.json`` and ``.png``, the crossover length
 from which each variant beats fused SDPA, and the memory exponent fitted on log(peak) vs log(n) over 2K-16K.
@@ -30,6 +37,7 @@ import gc
 import json
 import math
 import resource
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -47,6 +55,10 @@ from lightning_peft.attention import TokenMixer, available_attention, build_atte
 
 BASELINE = "fused_sdpa"
 EXPONENT_RANGE = (2048, 16384)
+# Other libraries' sliding-window attention, measured in the same run at the same shapes and window.
+HF_LONGFORMER = "hf_longformer"
+LOCAL_ATTENTION = "lucidrains_local_attention"
+COMPETITORS = (HF_LONGFORMER, LOCAL_ATTENTION)
 
 
 def variant_options(name: str, window: int) -> dict[str, Any]:
@@ -54,11 +66,70 @@ def variant_options(name: str, window: int) -> dict[str, Any]:
     return {"window": window} if name == "sliding_window" else {}
 
 
+def hf_longformer_step(n: int, heads: int, dim: int, window: int, device: str) -> Callable[[], None]:
+    """HF ``LongformerSelfAttention`` with ``attention_window=window`` (``window // 2`` keys each side, as
+    our ``sliding_window``), no global tokens. It takes hidden states and computes its own q/k/v, so its
+    time and memory include three ``Linear(H*D, H*D)`` projections that the q/k/v variants do not run."""
+    from transformers import LongformerConfig
+    from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
+
+    config = LongformerConfig(
+        hidden_size=heads * dim,
+        num_attention_heads=heads,
+        attention_window=[window],
+        attention_probs_dropout_prob=0.0,
+    )
+    layer = LongformerSelfAttention(config, layer_id=0).to(device).train()
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, n, heads * dim, generator=g).to(device).requires_grad_(True)  # (B, T, H*D)
+    mask = torch.zeros(1, n, device=device)  # HF's layer-level mask: 0 = local attention, no padding
+
+    def step() -> None:
+        hidden.grad = None
+        layer.zero_grad(set_to_none=True)
+        out = layer(
+            hidden,
+            attention_mask=mask,
+            is_index_masked=mask < 0,
+            is_index_global_attn=mask > 0,
+            is_global_attn=False,
+        )[0]
+        out.sum().backward()
+
+    return step
+
+
+def local_attention_module(dim: int, window: int) -> torch.nn.Module:
+    """lucidrains ``LocalAttention``, non-causal, blocks of ``window // 2`` looking one block back and one
+    forward with ``exact_windowsize=True``: each query sees the keys within ``window // 2`` positions, the
+    pattern of our ``sliding_window`` (no rotary embedding, no dropout)."""
+    from local_attention import LocalAttention
+
+    return LocalAttention(
+        window_size=window // 2,
+        causal=False,
+        look_backward=1,
+        look_forward=1,
+        exact_windowsize=True,
+        dropout=0.0,
+        autopad=True,
+        dim=dim,
+        use_rotary_pos_emb=False,
+    )
+
+
 def make_step(name: str, n: int, heads: int, dim: int, window: int, device: str) -> Callable[[], None]:
     """One forward+backward of method ``name`` at length ``n`` on fresh random inputs."""
+    if name == HF_LONGFORMER:
+        return hf_longformer_step(n, heads, dim, window, device)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, n, dim, generator=g).to(device).requires_grad_(True) for _ in range(3))
-    if name == BASELINE:
+    if name == LOCAL_ATTENTION:
+        local = local_attention_module(dim, window).to(device)
+
+        def attend() -> torch.Tensor:
+            return local(q, k, v)  # (B, H, T, D) in and out
+    elif name == BASELINE:
 
         def attend() -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v)
@@ -103,6 +174,8 @@ def child_measure(name: str, n: int, heads: int, dim: int, window: int, limit_gb
     if device == "cpu" and limit_gb > 0:
         limit = int(limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    # One call at a short length first: one-time lazy set-up (imports, kernels) is not the call's memory.
+    make_step(name, min(n, 2 * window), heads, dim, window, device)()
     step = make_step(name, n, heads, dim, window, device)
     gc.collect()
     if device == "cuda":
@@ -128,7 +201,8 @@ def child_measure(name: str, n: int, heads: int, dim: int, window: int, limit_gb
     }
 
 
-def measure_memory(name: str, n: int, args: argparse.Namespace) -> dict[str, Any] | None:
+def measure_memory(name: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Peak memory of one fwd+bwd in a fresh subprocess; ``{"failed": reason}`` when the child fails."""
     cmd = [
         sys.executable,
         __file__,
@@ -142,11 +216,22 @@ def measure_memory(name: str, n: int, args: argparse.Namespace) -> dict[str, Any
     ]
     cmd += ["--window", str(args.window), "--mem-limit-gb", str(args.mem_limit_gb)]
     cmd += ["--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"no result within --child-timeout {args.child_timeout:.0f} s"}
     if proc.returncode != 0:
-        print(f"  {name} n={n}: failed ({proc.stderr.strip().splitlines()[-1:]}); skipped from here on")
-        return None
+        last = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        print(f"  {name} n={n}: failed ({last}); skipped from here on")
+        return {
+            "failed": f"exit {proc.returncode} under the {args.mem_limit_gb:g} GB address-space limit: {last}"
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def times_ratio(base: list[float], samples: list[float]) -> float:
+    """Median of the baseline over median of the method: the speed-up over fused SDPA."""
+    return statistics.median(base) / statistics.median(samples)
 
 
 def fit_exponent(points: dict[int, float]) -> float | None:
@@ -203,7 +288,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The "sdpa" variant without a mask is the fused baseline itself; it runs only when named.
     variants = [v for v in args.variants.split(",") if v] if args.variants else qkv_variants
     variants = variants if args.variants else [v for v in variants if v != "sdpa"]
-    methods = [BASELINE, *variants]
+    competitors = [c for c in args.competitors.split(",") if c]
+    unknown = sorted(set(competitors) - set(COMPETITORS))
+    if unknown:
+        raise ValueError(f"unknown competitor(s) {unknown}; choose from {list(COMPETITORS)}")
+    methods = [BASELINE, *variants, *competitors]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}
     failed: set[str] = set()
@@ -213,28 +302,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if m in failed:
                 continue
             mem = measure_memory(m, n, args)
-            if mem is None:
+            results[m][n] = dict(mem)
+            if "failed" in mem:
                 failed.add(m)
-            else:
-                results[m][n] = dict(mem)
         alive = [m for m in methods if m not in failed]
         print(f"n={n}: timing {len(alive)} methods, {args.rounds} interleaved rounds ...", flush=True)
         steps = {m: make_step(m, n, args.heads, args.dim, args.window, device) for m in alive}
         times = interleaved_times(steps, rounds=args.rounds, warmup=args.warmup)
         for m, samples in times.items():
             results[m][n].update(summarize(samples))
+            results[m][n]["speedup_vs_fused_sdpa"] = times_ratio(times[BASELINE], samples)
         del steps
         gc.collect()
-    base = {n: r["median_ms"] for n, r in results[BASELINE].items()}
+    base = {n: r["median_ms"] for n, r in results[BASELINE].items() if "median_ms" in r}
     summary = {
         m: {
-            "crossover_n": crossover({n: r["median_ms"] for n, r in results[m].items()}, base),
-            "memory_exponent": fit_exponent({n: r["peak_mb"] for n, r in results[m].items()}),
+            "crossover_n": crossover(
+                {n: r["median_ms"] for n, r in results[m].items() if "median_ms" in r}, base
+            ),
+            "memory_exponent": fit_exponent(
+                {n: r["peak_mb"] for n, r in results[m].items() if "peak_mb" in r}
+            ),
             "failed": m in failed,
         }
         for m in methods
     }
-    return {"lengths": lengths, "results": results, "summary": summary, "device": device}
+    return {
+        "lengths": lengths,
+        "results": results,
+        "summary": summary,
+        "device": device,
+        "parity": local_attention_parity(lengths[0], args) if LOCAL_ATTENTION in methods else None,
+    }
+
+
+def local_attention_parity(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Largest |ours - lucidrains| over one forward at length ``n``: both attend to the same keys."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, args.heads, n, args.dim, generator=g) for _ in range(3))
+    ours = build_attention("sliding_window", num_heads=args.heads, head_dim=args.dim, window=args.window)
+    with torch.no_grad():
+        diff = (ours(q, k, v) - local_attention_module(args.dim, args.window)(q, k, v)).abs().max().item()
+    return {"n": n, "max_abs_diff_sliding_window_vs_local_attention": diff}
 
 
 def report(out: dict[str, Any], args: argparse.Namespace) -> None:
@@ -246,7 +355,7 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
         for n in lengths:
             r = per_n.get(n)
             if not r or "median_ms" not in r:
-                cells.append("-")
+                cells.append("failed" if r and "failed" in r else "-")
                 continue
             speed = base[n]["median_ms"] / r["median_ms"] if n in base else float("nan")
             flag = "*" if r.get("lower_bound") else ""
@@ -278,6 +387,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--variants", default="", help="comma-separated variant names (default: all q/k/v variants)"
     )
+    p.add_argument(
+        "--competitors",
+        default=",".join(COMPETITORS),
+        help="other libraries' windowed attention measured alongside (empty string: none)",
+    )
+    p.add_argument("--quick", action="store_true", help="smoke run: length 64, 1 round, 2 heads")
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--window", type=int, default=512, help="total window of sliding_window")
@@ -294,6 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.quick:
+        args.lengths, args.rounds, args.warmup, args.heads, args.dim, args.window = "64", 1, 0, 2, 16, 32
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.child:

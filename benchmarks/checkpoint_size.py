@@ -31,7 +31,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import EncoderClassifier, load_minilm, machine_info, print_table, random_batch, write_json
+from common import (
+    EncoderClassifier,
+    add_quick_flag,
+    apply_quick,
+    load_minilm,
+    machine_info,
+    print_table,
+    random_batch,
+    write_json,
+)
 
 from lightning_peft import LoRAConfig
 from lightning_peft.callbacks import PEFT
@@ -116,7 +125,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/checkpoint_size.json)")
+    add_quick_flag(ap)
     args = ap.parse_args(argv)
+    apply_quick(args, steps=1, batch=2, seq=8)
 
     with tempfile.TemporaryDirectory(prefix="lp_ckpt_bench_") as tmp:
         results = {

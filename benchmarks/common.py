@@ -1,12 +1,13 @@
 """Shared helpers for the benchmarks: interleaved timing, machine info, MiniLM loading, JSON output.
 
-Timing follows DESIGN.md section 9: everything under comparison is built once in one process, warmed up,
+Timing: everything under comparison is built once in one process, warmed up,
 then run round-robin (one call of each method per round) and summarised by the median per method. Single
 unwarmed runs on these shared machines were off by up to 5x.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -21,6 +22,37 @@ import torch
 from torch import nn
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# ``--quick``: every script runs in seconds on tiny models and sizes (tests/benchmarks/test_smoke.py), so a
+# benchmark cannot rot unnoticed. Its numbers mean nothing. An environment variable, so that the
+# subprocesses a script launches (DDP ranks, memory children) run quick too.
+QUICK_ENV = "LIGHTNING_PEFT_BENCH_QUICK"
+TINY_BERT = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 2000}
+
+
+def add_quick_flag(parser: argparse.ArgumentParser) -> None:
+    """Add ``--quick`` (tiny models, one round, no warm-up: a smoke run whose numbers mean nothing)."""
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny model and sizes, seconds")
+
+
+def apply_quick(args: argparse.Namespace, **small: Any) -> None:
+    """Under ``--quick``: set ``args``' sizes to ``small`` and mark this process and its children quick."""
+    if getattr(args, "quick", False):
+        os.environ[QUICK_ENV] = "1"
+        for name, value in small.items():
+            setattr(args, name, value)
+
+
+def quick() -> bool:
+    """Whether this process runs as a ``--quick`` smoke run."""
+    return os.environ.get(QUICK_ENV) == "1"
+
+
+def bert_config(**kwargs: Any) -> Any:
+    """``BertConfig(**kwargs)`` (BERT-base shape by default); hidden 32 and a 2,000-token vocabulary under
+    ``--quick``, with the layer count kept (layer-dropping benchmarks need all 12)."""
+    from transformers import BertConfig
+
+    return BertConfig(**{**kwargs, **TINY_BERT}) if quick() else BertConfig(**kwargs)
 
 
 def interleaved_times(
@@ -51,6 +83,24 @@ def summarize(samples: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(ms), "min_ms": ms[0], "max_ms": ms[-1], "iqr_ms": q[2] - q[0]}
 
 
+def paired_ratio(num: list[float], den: list[float]) -> dict[str, float]:
+    """Per-round ratios ``num[i] / den[i]`` of two interleaved methods: median, quartiles and IQR.
+
+    Both timings of a round ran back to back, so a load change on the machine hits both; the spread of
+    the per-round ratio is the noise of the comparison."""
+    ratios = sorted(a / b for a, b in zip(num, den, strict=True))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    return {"median": statistics.median(ratios), "q1": q[0], "q3": q[2], "iqr": q[2] - q[0]}
+
+
+def target_verdict(ratio: dict[str, float], target: float) -> str:
+    """``"met"`` when the whole IQR of the per-round ratio is at or below ``target``, ``"missed"`` when it
+    is all above, ``"within noise"`` when the IQR straddles it."""
+    if ratio["q3"] <= target:
+        return "met"
+    return "missed" if ratio["q1"] > target else "within noise"
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on (they are only comparable within one machine and one run)."""
     import lightning
@@ -79,9 +129,12 @@ def minilm_path() -> str:
 
 
 def load_minilm() -> nn.Module:
-    """The pretrained MiniLM encoder (``BertModel``), loaded offline with its default attention."""
-    from transformers import AutoModel
+    """The pretrained MiniLM encoder (``BertModel``), loaded offline with its default attention; under
+    ``--quick`` a 2-layer random BERT of width 32 instead."""
+    from transformers import AutoModel, BertModel
 
+    if quick():
+        return BertModel(bert_config(num_hidden_layers=2))
     return AutoModel.from_pretrained(minilm_path())
 
 

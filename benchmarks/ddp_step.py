@@ -3,13 +3,15 @@
 The same global batch (16 x 128 by default) trains LoRA r=8 (q,v) + head on all-MiniLM-L6-v2 through a real
 Lightning ``Trainer``: one process with batch 16, or ``strategy="ddp"`` with 2 processes of batch 8 (each with
 ``torch`` limited to 1 thread, so both runs use the same 2 cores). A callback records the wall time of every
-training step; the median after warm-up steps is reported. The DDP run is launched as a subprocess of this
-script (Lightning's ddp launcher re-executes the script for rank 1).
+training step. The two set-ups alternate: each of ``--rounds`` rounds runs both once (as subprocesses,
+alternating which goes first), so a change in the machine's load hits both; reported are the median and IQR
+of the per-run medians (after warm-up steps) and of the per-round DDP/single ratio. Lightning's ddp launcher
+re-executes this script for rank 1.
 
 Run::
 
-    .venv/bin/python benchmarks/ddp_step.py                 # 12 steps each, 3 warm-up
-    .venv/bin/python benchmarks/ddp_step.py --steps 6 --seq 32   # quick check
+    .venv/bin/python benchmarks/ddp_step.py                 # 5 alternating rounds, 12 steps each, 3 warm-up
+    .venv/bin/python benchmarks/ddp_step.py --quick         # smoke run (tiny model, seconds)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import EncoderClassifier, load_minilm, machine_info, print_table, write_json
+from common import (
+    EncoderClassifier,
+    add_quick_flag,
+    apply_quick,
+    bert_config,
+    load_minilm,
+    machine_info,
+    print_table,
+    quick,
+    write_json,
+)
 
 import lightning_peft as lp
 from lightning_peft.callbacks import PEFT
@@ -70,7 +83,7 @@ def run(devices: int, global_batch: int, seq: int, steps: int, out: Path) -> Non
     n = global_batch * steps
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(
-        torch.randint(1000, 30522, (n, seq), generator=g),
+        torch.randint(1000, bert_config().vocab_size if quick() else 30522, (n, seq), generator=g),
         torch.ones(n, seq, dtype=torch.long),
         torch.randint(0, 2, (n,), generator=g),
     )
@@ -93,6 +106,23 @@ def run(devices: int, global_batch: int, seq: int, steps: int, out: Path) -> Non
         out.write_text(json.dumps(timer.times))
 
 
+def _iqr(values: list[float]) -> float:
+    """Inter-quartile range (0 for a single value)."""
+    if len(values) < 2:
+        return 0.0
+    q = statistics.quantiles(values, n=4)
+    return q[2] - q[0]
+
+
+def _run_child(devices: int, threads: int, args: argparse.Namespace, tmp: Path) -> list[float]:
+    """One Trainer run in a subprocess (Lightning relaunches it per DDP rank); its timed step seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, __file__, "--child", str(devices), "--steps", str(args.steps)]
+    cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--tmp", str(tmp)]
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    return json.loads((tmp / f"devices{devices}.json").read_text())[args.warmup :]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=12)
@@ -100,47 +130,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, default=16, help="global batch")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--tmp", default="/tmp/lightning_peft_ddp_step", help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of one run per set-up")
+    ap.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
+    add_quick_flag(ap)
     args = ap.parse_args(argv)
-    tmp = Path(args.tmp)
+    apply_quick(args, rounds=1, steps=2, warmup=1, batch=4, seq=8)
+    tmp = Path(args.tmp or tempfile.mkdtemp(prefix="lightning_peft_ddp_step_"))
     if args.child:
         run(args.child, args.batch, args.seq, args.steps, tmp / f"devices{args.child}.json")
         return {}
     tmp.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {}
-    for devices, threads in ((1, 2), (2, 1)):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            str(devices),
-            "--steps",
-            str(args.steps),
-            "--batch",
-            str(args.batch),
-            "--seq",
-            str(args.seq),
-            "--tmp",
-            str(tmp),
-        ]
-        subprocess.run(cmd, env=env, check=True, capture_output=True)
-        times = json.loads((tmp / f"devices{devices}.json").read_text())[args.warmup :]
-        results["single" if devices == 1 else "ddp2"] = {
-            "processes": devices,
-            "threads_per_process": threads,
-            "median_ms": statistics.median(times) * 1e3,
-            "samples_ms": [t * 1e3 for t in times],
+    setups = {"single": (1, 2), "ddp2": (2, 1)}  # name: (processes, torch threads per process)
+    per_round: dict[str, list[float]] = {name: [] for name in setups}
+    samples: dict[str, list[float]] = {name: [] for name in setups}
+    for r in range(args.rounds):
+        order = list(setups) if r % 2 == 0 else list(reversed(setups))  # alternate which runs first
+        for name in order:
+            times = _run_child(*setups[name], args, tmp)
+            per_round[name].append(statistics.median(times) * 1e3)
+            samples[name] += [t * 1e3 for t in times]
+    results: dict[str, Any] = {
+        name: {
+            "processes": setups[name][0],
+            "threads_per_process": setups[name][1],
+            "median_ms": statistics.median(per_round[name]),
+            "iqr_ms": _iqr(per_round[name]),
+            "round_medians_ms": per_round[name],
+            "samples_ms": samples[name],
         }
-    ratio = results["ddp2"]["median_ms"] / results["single"]["median_ms"]
+        for name in setups
+    }
+    ratios = [d / s for d, s in zip(per_round["ddp2"], per_round["single"], strict=True)]
+    ratio = statistics.median(ratios)
     timed = args.steps - args.warmup
-    print(f"LoRA training step, MiniLM, global batch {args.batch} x {args.seq}, median of {timed}")
+    print(f"LoRA training step, MiniLM, global batch {args.batch} x {args.seq}: {args.rounds} alternating")
+    print(f"rounds of one subprocess run per set-up, {timed} timed steps each; median of the round medians")
     print_table(
-        ["run", "median ms", "vs single"],
+        ["run", "median ms", "IQR ms", "vs single"],
         [
-            ["single process (2 threads)", f"{results['single']['median_ms']:.0f}", "1.00x"],
-            ["DDP, 2 processes (1 thread each)", f"{results['ddp2']['median_ms']:.0f}", f"{ratio:.2f}x"],
+            [
+                "single process (2 threads)",
+                f"{results['single']['median_ms']:.0f}",
+                f"{results['single']['iqr_ms']:.0f}",
+                "1.00x",
+            ],
+            [
+                "DDP, 2 processes (1 thread each)",
+                f"{results['ddp2']['median_ms']:.0f}",
+                f"{results['ddp2']['iqr_ms']:.0f}",
+                f"{ratio:.2f}x (IQR {_iqr(ratios):.2f})",
+            ],
         ],
     )
     payload = {
@@ -149,9 +189,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seq": args.seq,
         "steps": args.steps,
         "warmup": args.warmup,
+        "rounds": args.rounds,
+        "protocol": "each round runs the single-process and the DDP set-up once each as subprocesses, "
+        "alternating which goes first; per run the median step time after the warm-up steps; reported: the "
+        "median and IQR over rounds, and the median and IQR of the per-round DDP/single ratio",
         "machine": machine_info(),
         "results": results,
         "ddp_vs_single": ratio,
+        "ddp_vs_single_iqr": _iqr(ratios),
+        "ddp_vs_single_per_round": ratios,
     }
     print(f"wrote {write_json('ddp_step', payload, args.out)}")
     return payload

@@ -40,7 +40,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import EncoderClassifier, machine_info, print_table, write_json
+from common import (
+    EncoderClassifier,
+    add_quick_flag,
+    apply_quick,
+    bert_config,
+    machine_info,
+    print_table,
+    write_json,
+)
 
 import lightning_peft as lp
 from lightning_peft.callbacks import PEFT
@@ -69,10 +77,10 @@ def full_bytes(t: torch.Tensor) -> int:
 class Module(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        from transformers import BertConfig, BertModel
+        from transformers import BertModel
 
         torch.manual_seed(0)
-        self.model = EncoderClassifier(BertModel(BertConfig(**MINILM_SHAPE)))
+        self.model = EncoderClassifier(BertModel(bert_config(**MINILM_SHAPE)))
 
     def configure_model(self) -> None:
         mesh = self.device_mesh["data_parallel"]
@@ -125,7 +133,7 @@ def child(method: str, batch: int, seq: int, steps: int, out: Path) -> None:
     n = batch * 2 * steps
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(
-        torch.randint(1000, MINILM_SHAPE["vocab_size"], (n, seq), generator=g),
+        torch.randint(1000, bert_config(**MINILM_SHAPE).vocab_size, (n, seq), generator=g),
         torch.ones(n, seq, dtype=torch.long),
         torch.randint(0, 2, (n,), generator=g),
     )
@@ -170,7 +178,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--child", choices=METHODS, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default="/tmp/lightning_peft_fsdp2_memory", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
+    add_quick_flag(ap)
     args = ap.parse_args(argv)
+    apply_quick(args, steps=1, batch=2, seq=8)
     tmp = Path(args.tmp)
     if args.child:
         child(args.child, args.batch, args.seq, args.steps, tmp)

@@ -2,7 +2,7 @@
 
 One call is ``model(input_ids, attention_mask)`` under ``torch.inference_mode()`` on pretrained
 all-MiniLM-L6-v2 (batch 16 x 128 tokens by default). The models are built once, warmed up and run
-round-robin; each is summarised by its median (DESIGN.md 9). The LoRA B matrices are set to small random
+round-robin; each is summarised by its median (``common.py``). The LoRA B matrices are set to small random
 values first so the merged weights really differ from the base. HF peft's unmerged LoRA with the same
 weights runs alongside as a reference for the unmerged overhead (``--no-peft`` skips it).
 
@@ -27,6 +27,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
+    add_quick_flag,
+    apply_quick,
     interleaved_times,
     load_minilm,
     machine_info,
@@ -81,7 +83,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--no-peft", action="store_true", help="skip the HF peft unmerged reference")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/inference.json)")
+    add_quick_flag(ap)
     args = ap.parse_args(argv)
+    apply_quick(args, rounds=1, warmup=0, batch=2, seq=8)
 
     models = build_models(with_peft=not args.no_peft)
     batch = random_batch(args.batch, args.seq, models["base"].config.vocab_size)

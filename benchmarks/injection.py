@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel
+from transformers import BertModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, print_table, summarize, write_json
+from common import add_quick_flag, apply_quick, bert_config, machine_info, print_table, summarize, write_json
 
 import lightning_peft as lp
 
@@ -54,10 +54,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--warmup", type=int, default=1, help="untimed trials per library first")
     ap.add_argument("--layers", type=int, default=12, help="num_hidden_layers of the BERT model")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/injection.json)")
+    add_quick_flag(ap)
     args = ap.parse_args(argv)
+    apply_quick(args, rounds=1, warmup=0, layers=2)
 
     torch.manual_seed(0)
-    prebuilt = BertModel(BertConfig(num_hidden_layers=args.layers))
+    prebuilt = BertModel(bert_config(num_hidden_layers=args.layers))
     total = sum(p.numel() for p in prebuilt.parameters())
     fns: dict[str, Callable[[nn.Module], nn.Module]] = {"lightning_peft": inject_ours, "peft": inject_peft}
     times: dict[str, list[float]] = {k: [] for k in fns}

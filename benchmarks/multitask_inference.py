@@ -11,7 +11,7 @@ The model is BERT-base-shaped (12 layers, hidden 768, random weights) with three
 batch is split evenly across the tasks. Short inputs show the saved per-forward overhead; at 128
 tokens the forward is compute-bound and one forward of 3x the rows costs about as much as 3 forwards.
 Variants run round-robin after a warm-up under
-``torch.inference_mode``, summarised by their medians (DESIGN.md 9).
+``torch.inference_mode``, summarised by their medians (``common.py``).
 
 Run::
 
@@ -28,11 +28,21 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel
+from transformers import BertModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import interleaved_times, machine_info, print_table, random_batch, summarize, write_json
+from common import (
+    add_quick_flag,
+    apply_quick,
+    bert_config,
+    interleaved_times,
+    machine_info,
+    print_table,
+    random_batch,
+    summarize,
+    write_json,
+)
 
 import lightning_peft as lp
 from lightning_peft import named
@@ -44,7 +54,7 @@ TASKS = ("task_a", "task_b", "task_c")
 
 def build() -> nn.Module:
     torch.manual_seed(0)
-    model = BertModel(BertConfig(), add_pooling_layer=False).eval()
+    model = BertModel(bert_config(), add_pooling_layer=False).eval()
     g = torch.Generator().manual_seed(1)
     for name in TASKS:
         named.add_adapter(model, name, lp.BottleneckConfig(style="pfeiffer"))
@@ -78,7 +88,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--seqs", type=int, nargs="+", default=[32, 128], help="sequence lengths")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least disturbed by neighbours)")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/)")
+    add_quick_flag(ap)
     args = ap.parse_args(argv)
+    apply_quick(args, rounds=1, warmup=0, seqs=[8, 16])
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -88,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     for seq in args.seqs:
         inputs = {}
         for i, name in enumerate(TASKS):
-            b = random_batch(args.per_task, seq, BertConfig().vocab_size, seed=i)
+            b = random_batch(args.per_task, seq, bert_config().vocab_size, seed=i)
             inputs[name] = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
         with torch.inference_mode():
             seq_out, par_out = run_sequential(model, inputs), run_parallel(model, inputs)

@@ -4,7 +4,7 @@ inference cost of a folded prefix.
 One step is forward + cross-entropy + backward + ``AdamW.step`` on pretrained all-MiniLM-L6-v2 plus a
 linear head. The tuner goes into the encoder (ours through ``lp.inject``, peft's through
 ``get_peft_model(..., task_type="FEATURE_EXTRACTION")``) with the same config, the head trains in every
-method, and all steps are interleaved round-robin after a warm-up (DESIGN.md 9). Target: each of our
+method, and all steps are interleaved round-robin after a warm-up (``common.py``). Target: each of our
 methods within 1.0x of peft's step time for the same method and config.
 
 Run::
@@ -28,10 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     EncoderClassifier,
+    add_quick_flag,
+    apply_quick,
+    bert_config,
     interleaved_times,
     load_minilm,
     machine_info,
     print_table,
+    quick,
     random_batch,
     summarize,
     write_json,
@@ -150,8 +154,35 @@ def operator_counts(models: dict[str, nn.Module], batch: dict[str, torch.Tensor]
                 "differing": {
                     op: [ours[op], theirs[op]] for op in sorted(ours | theirs) if ours[op] != theirs[op]
                 },
+                # Ops we run more often than peft (or that peft does not run at all): empty iff our step's
+                # operator multiset is contained in peft's.
+                "ours_more": {op: [ours[op], theirs[op]] for op in sorted(ours) if ours[op] > theirs[op]},
+                "ours_within_peft": all(ours[op] <= theirs[op] for op in ours),
             }
     return out
+
+
+def ops_only(args: argparse.Namespace) -> dict[str, object]:
+    """``--ops-only``: the operator counts of one training step (batch 2 x 32), ours vs peft, per method."""
+    vocab = bert_config().vocab_size if quick() else 30522
+    models = build([m.strip() for m in args.methods.split(",") if m.strip()])
+    ops = operator_counts(models, random_batch(2, min(32, args.seq), vocab))
+    for name, diff in ops.items():
+        more = ", ".join(f"{op} {a} vs {b}" for op, (a, b) in diff["ours_more"].items()) or "none"
+        print(
+            f"{name}: {diff['ours_total']} ATen ops vs peft's {diff['peft_total']}; ours more often: {more}"
+        )
+    payload = {
+        "benchmark": "prompt_family_ops",
+        "model": "all-MiniLM-L6-v2 + linear head",
+        "batch": 2,
+        "seq": min(32, args.seq),
+        "step": "zero_grad + forward + cross_entropy + backward + AdamW.step, after one warm-up step",
+        "machine": machine_info(),
+        "operator_counts": ops,
+    }
+    print(f"wrote {write_json('prompt_family_ops', payload, args.out)}")
+    return payload
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -162,11 +193,21 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--methods", default="prefix,prompt,ptuning,lora,parallel,mam")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--ops-only",
+        action="store_true",
+        help="only count the ATen operators of one step, ours vs peft (JSON default: prompt_family_ops.json)",
+    )
+    add_quick_flag(ap)
     args = ap.parse_args(argv)
+    apply_quick(args, rounds=1, warmup=0, batch=2, seq=8)
+    if args.ops_only:
+        return ops_only(args)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     models = build(methods)
-    batch = random_batch(args.batch, args.seq, 30522)
+    vocab = bert_config().vocab_size if quick() else 30522
+    batch = random_batch(args.batch, args.seq, vocab)
     times = interleaved_times(
         {name: make_step(m, batch) for name, m in models.items()}, rounds=args.rounds, warmup=args.warmup
     )
@@ -188,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             ]
         )
     inference = folded_prefix_inference(batch, rounds=max(4, args.rounds))
-    ops = operator_counts(models, random_batch(2, 32, 30522))
+    ops = operator_counts(models, random_batch(2, min(32, args.seq), vocab))
 
     print(f"train step, MiniLM + head, batch {args.batch} x {args.seq}, {args.rounds} rounds, median")
     print_table(["method", "median ms", "IQR ms", "vs peft", "trainable"], rows)

@@ -1,74 +1,16 @@
 """The ``PEFT`` callback: parameter-efficient fine-tuning of any LightningModule with one line.
 
-Hook facts this relies on (Lightning 2.x ``trainer.fit``): callback ``setup`` -> module ``setup`` ->
-``configure_model`` -> restore from ``ckpt_path`` -> strategy setup (DDP/FSDP wrapping, then
-``configure_optimizers``) -> ``on_fit_start``. Injecting at ``on_fit_start`` would be too late (the
-optimizer and the DDP reducer already hold the old parameters), so the tuner is injected and the base
-frozen in ``setup``, or right after ``configure_model`` when the module builds its model there.
-
-Gradient checkpointing with a frozen embedding: reentrant ``torch.utils.checkpoint`` drops the gradient
-of a checkpointed block whose inputs do not require grad, so with a frozen embedding no adapter inside a
-checkpointed layer trains (transformers #23170). transformers >= 5 makes the embedding output require
-grad when checkpointing is enabled, 4.x only for models loaded through peft, and nothing when a user
-turns it off or checkpoints by hand. The callback therefore puts a forward hook on the input embeddings
-of every Hugging Face model it injects into that marks the embedding output as requiring grad *at forward
-time, only while that model is training with checkpointing on*. Deciding per forward makes it independent
-of the order in which checkpointing and the callback were enabled (before ``fit``, in ``configure_model``,
-in the module's ``setup``...), and of the ``use_reentrant`` choice. Rewriting the checkpoint function
-to the non-reentrant variant instead would depend on transformers internals and be undone by a later
-``gradient_checkpointing_enable()`` call.
-
-Strategies:
-
-* DDP: the base is frozen before wrapping, so no ``find_unused_parameters`` is needed.
-* FSDP (Lightning ``FSDPStrategy``, CUDA): every module the tuner marks fully trainable (``lora_A``,
-  ``lora_B``, bottleneck adapters, ``modules_to_save``) becomes its own FSDP unit, added to the user's
-  ``auto_wrap_policy``, so no FlatParameter mixes frozen and trainable tensors and gradients are only
-  allocated for adapters; ``use_orig_params=True`` (Lightning's default, required) keeps the structural
-  walk and BitFit's per-bias marks working. Checkpoints need ``state_dict_type="full"`` (``"sharded"`` is
-  refused at ``setup``).
-* FSDP2 (``ModelParallelStrategy``, whose ``configure_model`` applies ``fully_shard``): a model built in
-  ``__init__`` gets its adapters *before* ``configure_model``, so the user's ``fully_shard`` calls shard
-  them with their blocks; a model built and sharded in ``configure_model`` gets them right after it, each
-  block's adapters becoming an FSDP2 unit of their own. Checkpoints gather the adapters only; both the
-  single-file and the distributed-checkpoint layout save and resume adapter-only.
-* DeepSpeed (``DeepSpeedStrategy``, CUDA): the engine writes its own checkpoint directory and ignores the
-  Lightning ``state_dict``. The callback sets ``exclude_frozen_parameters=True`` (the engine saves the
-  trainable parameters only), and stores the adapter-only state dict, gathered from the ZeRO-3 shards of
-  trainable parameters only, in the checkpoint's client state under :data:`DEEPSPEED_ADAPTER_KEY`.
-
-Models built on the meta device (``with trainer.init_module(empty_init=True)`` under
-``ModelParallelStrategy``, or ``torch.device("meta")`` in ``__init__``): the callback injects into the meta
-model and the strategy materialises it in its setup (``to_empty()``, then ``reset_parameters()`` of every
-module holding tensors). Every tuner module resets to its own init (LoRA's ``B`` zero, bottleneck and
-parallel adapters the identity, Compacter's shared rule shared again: :mod:`lightning_peft.layers`), so the
-adapters start as they do on a real model. The frozen base gets its modules' reset values, random: the user
-must load the pretrained weights after the materialisation and before training, e.g. in the
-LightningModule's ``on_fit_start`` (it runs after the strategy setup and after a ``ckpt_path`` restore, so
-load the base tensors only, not the restored adapters):
-
-* names: a wrapped layer keeps the original as ``base_layer`` (``...query.base_layer.weight`` holds the
-  pretrained ``...query.weight``);
-* sharded parameters are ``DTensor``: load a full state dict with ``set_model_state_dict(module, state_dict,
-  options=StateDictOptions(full_state_dict=True, strict=False))`` (``torch.distributed.checkpoint.
-  state_dict``), or copy ``distribute_tensor(full, p.device_mesh, p.placements)`` into each parameter;
-* non-persistent buffers that no ``reset_parameters()`` re-creates (BERT's ``position_ids`` and
-  ``token_type_ids``, Llama's rotary ``inv_freq``; Lightning warns "Parameter initialization incomplete" and
-  names their modules) hold uninitialised memory until restored too;
-* BitFit: then call :func:`lightning_peft.tuners.bitfit.record_original_biases` (``disable_adapters`` refuses
-  the model until the original biases are known);
-* prompt tuning with ``init="text"`` and ``FusionConfig(adapters={name: path})`` read values a meta model does
-  not have and are refused at injection; stage-1 adapters fused by name get their trained tensors with
-  :func:`lightning_peft.named.load_adapter_tensors` after the materialisation;
-* the base fingerprint stored in adapter-only checkpoints holds shapes and dtypes only (no value checksums),
-  so a resume checks the base model's architecture, not its weights.
-
-Tracking: at ``on_fit_start`` every logger gets the tuner config, trainable / total parameters and the
-attention variant of an :class:`~lightning_peft.callbacks.AttentionSwap` callback; after every checkpoint
-write its path and size. With a ``WandbLogger`` the adapter-only checkpoint is also logged as a W&B
-artifact at that moment (``log_checkpoint_artifact=False`` turns it off). Lightning's
-``WandbLogger(log_model="all" | True)`` already logs what ``ModelCheckpoint`` writes, which is
-adapter-only here; when it is set the callback leaves artifacts to it and does not log them twice.
+Hook facts that decide correctness (Lightning 2.x ``trainer.fit``): callback ``setup`` -> module ``setup``
+-> ``configure_model`` -> restore from ``ckpt_path`` -> strategy setup (DDP/FSDP wrapping, then
+``configure_optimizers``) -> ``on_fit_start``. Injecting at ``on_fit_start`` would be too late (the optimizer
+and the DDP reducer already hold the old parameters), so the tuner is injected and the base frozen in
+``setup``, or right after ``configure_model`` when the module builds its model there (FSDP2: before it too,
+so the user's ``fully_shard`` shards the adapters with their blocks). Callback ``on_save_checkpoint`` is
+skipped with ``save_weights_only=True`` and comes after the state dict is built (gathered, under FSDP), so
+checkpoints are trimmed at ``strategy.lightning_module_state_dict``. Loading runs the module's load hooks
+before any callback's ``on_load_checkpoint``: config, base-model and adapter-key checks live in them.
+Every wrap is undone in ``teardown`` (:mod:`lightning_peft.callbacks.patching`). The user guide (strategies,
+meta-device models, tracking) is the README's.
 """
 
 from __future__ import annotations
@@ -110,6 +52,7 @@ from lightning_peft.callbacks.strategies import (
     is_fully_sharded,
     is_model_parallel,
     load_model_parallel_checkpoint,
+    metadata_into_state_dict,
     prepare_checkpoint_for_save,
     prepare_strategy,
     saves_distributed_checkpoints,
@@ -259,6 +202,12 @@ class PEFT(Callback):
         self._after_checkpoint_writes(trainer, pl_module)
         if is_model_parallel(trainer.strategy):
             self._load_adapter_checkpoints(trainer)
+        elif not is_deepspeed(trainer.strategy):
+            self._patches.wrap(
+                trainer.strategy,
+                "load_checkpoint",
+                lambda load: lambda *a, **kw: metadata_into_state_dict(load(*a, **kw)),
+            )
 
     def _load_adapter_checkpoints(self, trainer: L.Trainer) -> None:
         """ModelParallelStrategy restores into every key of the model: adapter-only checkpoints take

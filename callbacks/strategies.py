@@ -33,6 +33,7 @@ __all__ = [
     "is_fully_sharded",
     "is_model_parallel",
     "load_model_parallel_checkpoint",
+    "metadata_into_state_dict",
     "prepare_checkpoint_for_save",
     "prepare_strategy",
     "shard_new_adapters",
@@ -201,9 +202,19 @@ def prepare_checkpoint_for_save(strategy: Any, checkpoint: dict[str, Any]) -> No
     if is_deepspeed(strategy) and "state_dict" in checkpoint:
         # DeepSpeed drops "state_dict" from what it writes; keep the adapter-only one.
         checkpoint[DEEPSPEED_ADAPTER_KEY] = checkpoint["state_dict"]
-    elif saves_distributed_checkpoints(strategy) and META_KEY in checkpoint.get("state_dict", {}):
-        # The shards hold tensors only; the metadata goes to the folder's meta.pt with the loop states.
+    elif META_KEY in checkpoint.get("state_dict", {}):
+        # state_dict stays name -> tensor (safetensors, numel(), Lightning's own loading); our metadata sits
+        # at the top level (for distributed checkpoints: the folder's meta.pt, with the loop states).
         checkpoint[META_KEY] = checkpoint["state_dict"].pop(META_KEY)
+
+
+def metadata_into_state_dict(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Hand a loaded checkpoint's top-level metadata to the load hooks, which read it from the
+    ``state_dict`` they are given (in place; checkpoints written before the move have it there already)."""
+    state = checkpoint.get("state_dict")
+    if isinstance(state, dict) and META_KEY in checkpoint and META_KEY not in state:
+        state[META_KEY] = checkpoint[META_KEY]
+    return checkpoint
 
 
 def load_model_parallel_checkpoint(
@@ -232,15 +243,16 @@ def load_model_parallel_checkpoint(
         return metadata
     checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
     state = checkpoint.get("state_dict", {})
-    if META_KEY not in state:
+    meta = checkpoint.get(META_KEY, state.get(META_KEY))
+    if meta is None:
         return load(path, weights_only=weights_only)
-    validate_adapter_checkpoint(module, set(state) - {META_KEY}, state[META_KEY], fingerprint())
+    validate_adapter_checkpoint(module, set(state) - {META_KEY}, meta, fingerprint())
     del checkpoint, state
     # The checks above are strict for adapters; frozen base keys are legitimately absent.
     strict = module.strict_loading
     module.strict_loading = False
     try:
-        return load(path, weights_only=weights_only)
+        return metadata_into_state_dict(load(path, weights_only=weights_only))
     finally:
         module.strict_loading = strict
 

@@ -13,6 +13,7 @@ from lightning_peft import tuners as _tuners  # registers every method
 from lightning_peft.api import (
     ParamSummary,
     disable_adapters,
+    freeze_base,
     get_config,
     inject,
     load_trainable_state_dict,
@@ -23,11 +24,14 @@ from lightning_peft.api import (
     unload,
     unmerge,
 )
+from lightning_peft.checkpoint import load_checkpoint
 from lightning_peft.config import TunerConfig, available_tuners, config_from_dict, register_tuner
+from lightning_peft.stack import TunerStack
 from lightning_peft.tuners.adapterdrop import AdapterDropConfig, set_adapter_drop
 from lightning_peft.tuners.bitfit import BitFitConfig
 from lightning_peft.tuners.bottleneck import BottleneckConfig
 from lightning_peft.tuners.compacter import CompacterConfig, CompacterPlusPlusConfig
+from lightning_peft.tuners.early_exit import EarlyExitConfig
 from lightning_peft.tuners.fusion import FusionConfig, fusion_weights
 from lightning_peft.tuners.kadapter import (
     KAdapterConfig,
@@ -50,6 +54,7 @@ __all__ = [
     "BottleneckConfig",
     "CompacterConfig",
     "CompacterPlusPlusConfig",
+    "EarlyExitConfig",
     "FusionConfig",
     "KAdapterConfig",
     "LoRAConfig",
@@ -58,17 +63,20 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "TunerConfig",
+    "TunerStack",
     "UnifiedConfig",
     "add_kadapter",
     "available_tuners",
     "config_from_dict",
     "disable_adapters",
     "fold_prefix",
+    "freeze_base",
     "fusion_weights",
     "get_config",
     "inject",
     "kadapter_features",
     "kadapter_output",
+    "load_checkpoint",
     "load_trainable_state_dict",
     "mark_trainable",
     "merge",

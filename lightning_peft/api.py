@@ -22,7 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.config import TunerConfig
+from lightning_peft.fingerprint import check_base
 from lightning_peft.layers import (
+    META_KEY,
     Adapter,
     HookOwner,
     Mergeable,
@@ -38,10 +40,10 @@ __all__ = [
     "ParamSummary",
     "as_config",
     "disable_adapters",
+    "freeze_base",
     "get_config",
     "inject",
     "load_trainable_state_dict",
-    "mark_trainable",
     "merge",
     "param_summary",
     "trainable_state_dict",
@@ -90,6 +92,7 @@ def inject(model: nn.Module, config: TunerConfig | Sequence[TunerConfig]) -> lis
             "the adapters themselves. Inject several tuners at once with inject(model, [config_a, "
             "config_b]), or call lightning_peft.unload(model) first to remove it."
         )
+    modes = {id(m): m.training for m in model.modules()}
     try:
         changed = config.apply(model)
         for member in config.members():
@@ -100,9 +103,26 @@ def inject(model: nn.Module, config: TunerConfig | Sequence[TunerConfig]) -> lis
         if len(config.members()) > 1:  # take out what the members before the failing one injected
             unload(model, merge_weights=False)
         raise
+    _follow_mode(model, modes)
     setattr(model, CONFIG_ATTR, config)
-    mark_trainable(model)
+    freeze_base(model)
     return changed
+
+
+def _follow_mode(model: nn.Module, modes: dict[int, bool]) -> None:
+    """New tuner modules take the train/eval mode of the module they joined (``modes``: the mode of every
+    module before injection): a dropout added to a model in eval mode (every ``from_pretrained`` model)
+    must not draw random masks until ``model.train()``."""
+
+    def visit(module: nn.Module, training: bool) -> None:
+        for child in module.children():
+            if id(child) in modes:
+                visit(child, modes[id(child)])
+            else:
+                child.training = training
+                visit(child, training)
+
+    visit(model, model.training)
 
 
 def as_config(config: TunerConfig | Sequence[TunerConfig]) -> TunerConfig:
@@ -121,12 +141,17 @@ def as_config(config: TunerConfig | Sequence[TunerConfig]) -> TunerConfig:
     )
 
 
-def mark_trainable(model: nn.Module) -> None:
-    """Freeze every parameter of ``model`` except those a tuner marked trainable."""
+def freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter of ``model`` except those a tuner marked trainable (``inject`` calls it;
+    call it again after changing what is marked, as ``train_adapter`` does)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for _, p in iter_trainable_parameters(model):
         p.requires_grad_(True)
+
+
+#: The former name of :func:`freeze_base`, kept for existing code.
+mark_trainable = freeze_base
 
 
 @dataclass(frozen=True)
@@ -168,12 +193,33 @@ def load_trainable_state_dict(
 ) -> None:
     """Load tensors saved by :func:`trainable_state_dict` into ``model`` (which must have the same tuner).
 
+    ``state_dict`` may also be a whole checkpoint of the ``PEFT`` callback (``torch.load(path)``): its
+    stored base-model fingerprint is checked against ``model`` first. A plain name -> tensor mapping carries
+    no fingerprint, so nothing tells a same-shaped base with other weights apart there; use
+    :func:`lightning_peft.load_checkpoint` with the checkpoint file for that check.
+
     Args:
         strict: refuse missing and unexpected keys (recommended; the message lists them).
 
     Raises:
         ValueError: no tuner in ``model``, key mismatch (with ``strict``) or a shape mismatch.
     """
+    if isinstance(state_dict, (str, bytes)) or hasattr(state_dict, "__fspath__"):
+        raise TypeError(
+            f"load_trainable_state_dict takes a state dict (name -> tensor), got the path {state_dict!r}; "
+            "for a checkpoint file use lightning_peft.load_checkpoint(model, path)"
+        )
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"load_trainable_state_dict takes a mapping of tensors, got {type(state_dict).__name__}"
+        )
+    meta = state_dict.get(META_KEY)
+    if isinstance(state_dict.get("state_dict"), Mapping):  # a whole checkpoint of the PEFT callback
+        meta = meta or state_dict["state_dict"].get(META_KEY)
+        state_dict = state_dict["state_dict"]
+    if meta is not None:  # our own save format: check the base model it was trained on first
+        check_base(model, meta, where="these adapter weights")
+    state_dict = {k: v for k, v in state_dict.items() if k != META_KEY}
     params = dict(iter_trainable_parameters(model))
     if not params:
         raise ValueError(
@@ -183,7 +229,8 @@ def load_trainable_state_dict(
     missing = sorted(set(params) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(params))
     if strict and (missing or unexpected):
-        raise ValueError(_key_report("adapter weights do not match the model's tuner", missing, unexpected))
+        report = _key_report("adapter weights do not match the model's tuner", missing, unexpected)
+        raise ValueError(report + _prefix_hint(missing, unexpected))
     with torch.no_grad():
         for name, value in state_dict.items():
             if name not in params:
@@ -195,6 +242,22 @@ def load_trainable_state_dict(
                     "(different r, bottleneck size or base model?)"
                 )
             target.copy_(value)
+
+
+def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
+    """Say so when the two key sets differ by a leading path (``backbone.``): the weights were saved from
+    the LightningModule and are loaded into its backbone, or the other way round."""
+    if not missing or not unexpected:
+        return ""
+    for a, b, into in ((unexpected, missing, "this model"), (missing, unexpected, "the saved weights")):
+        head = a[0][: len(a[0]) - len(b[0])] if a[0].endswith(b[0]) else ""
+        if head and all(k.startswith(head) for k in a) and {k[len(head) :] for k in a} == set(b):
+            return (
+                f"\nThe saved keys and this model's differ by the prefix {head!r} only ({into} lacks it): "
+                "load into the module the weights were saved from (the LightningModule vs its backbone), "
+                "or strip/add the prefix."
+            )
+    return ""
 
 
 def _key_report(title: str, missing: list[str], unexpected: list[str], limit: int = 8) -> str:

@@ -77,9 +77,11 @@ class PEFTCLI(LightningCLI):
             f"parameters   : {summary}",
             f"checkpoint   : {_mb(size)}  {path}" if path else "checkpoint   : none written",
         ]
-        for key in sorted(set(before) | set(after)):
+        keys = sorted(set(before) | set(after))
+        width = max([13, *map(len, keys)])
+        for key in keys:
             b, a = before.get(key), after.get(key)
-            lines.append(f"{key:<13}: {_fmt(b)} before -> {_fmt(a)} after")
+            lines.append(f"{key:<{width}}: {_fmt(b)} before -> {_fmt(a)} after")
         lines.append("=" * 64)
         print("\n".join(lines), flush=True)
         if path:
@@ -101,7 +103,10 @@ def _fmt(value: float | None) -> str:
 EXPORT_HELP = """other subcommands:
   export              Turn an adapter-only checkpoint of the PEFT callback into
                       a Hugging Face PEFT adapter folder or a merged model.
-                      For its arguments: lightning-peft export --help"""
+                      For its arguments: lightning-peft export --help
+  pet                 Run the PET / iPET pipeline (pattern models, ensemble
+                      soft labels, distillation) from one YAML file.
+                      For its arguments: lightning-peft pet --help"""
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -113,6 +118,11 @@ def main(args: list[str] | None = None) -> None:
     other subcommand (``fit``, ``validate``, ...) to LightningCLI."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["pet"]:
+        from lightning_peft.prompting.pet import main as pet_main
+
+        pet_main(argv[1:])
+        return
     if argv[:1] == ["export"]:
         from lightning_peft.export_cli import main as export_main
 

@@ -127,8 +127,12 @@ class TunerConfig:
             if any((not isinstance(i, int)) or i < 0 for i in self.layers):
                 raise ValueError(f"layers must be non-negative block indices, got {self.layers}")
             self.layers = sorted(set(self.layers))
+        if isinstance(self.modules_to_save, str):  # one name, not its characters
+            self.modules_to_save = [self.modules_to_save]
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
+            if not all(isinstance(n, str) and n for n in self.modules_to_save):
+                raise ValueError(f"modules_to_save must be module names, got {self.modules_to_save!r}")
 
     # -- what a method implements -------------------------------------------------------------------
     def apply(self, model: nn.Module) -> list[str]:
@@ -202,7 +206,10 @@ def check_choice(owner: str, name: str, value: Any, allowed: Sequence[Any]) -> N
 
 
 def check_positive(owner: str, name: str, value: float, *, allow_zero: bool = False) -> None:
-    """Raise a ValueError when a numeric field is not positive (or negative, with ``allow_zero``)."""
+    """Raise a ValueError when a numeric field is not positive (or negative, with ``allow_zero``), or is
+    not a number at all (``alpha="16"`` from a hand-written dict)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{owner}.{name} must be a number, got {value!r} ({type(value).__name__})")
     bad = value < 0 if allow_zero else value <= 0
     if bad or isinstance(value, bool):
         bound = ">= 0" if allow_zero else "> 0"

@@ -155,8 +155,10 @@ def export_checkpoint(
     trust_checkpoint: bool = False,
 ) -> list[Path]:
     """What ``lightning-peft export`` does; returns the files written."""
-    state = dict(_load_checkpoint(checkpoint, trust_checkpoint).get("state_dict") or {})
-    meta = state.pop(META_KEY, None)
+    loaded = _load_checkpoint(checkpoint, trust_checkpoint)
+    state = dict(loaded.get("state_dict") or {})
+    meta = loaded.get(META_KEY, state.pop(META_KEY, None))  # top level; inside state_dict in older files
+    state.pop(META_KEY, None)
     if not meta or not meta.get("config"):
         raise ExportError(
             f"{checkpoint} is not an adapter-only checkpoint of the lightning_peft PEFT callback "

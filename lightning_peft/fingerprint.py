@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_peft.layers import iter_trainable_parameters, tuner_state_names
 
-__all__ = ["base_fingerprint", "compare_fingerprints"]
+__all__ = ["base_fingerprint", "check_base", "compare_fingerprints"]
 
 _SAMPLE = 256
 
@@ -91,3 +91,17 @@ def compare_fingerprints(
     listing("base tensors with a different shape (checkpoint vs this model)", shape)
     listing("base tensors with different values (another pretrained checkpoint?)", value)
     return problems
+
+
+def check_base(model: nn.Module, meta: dict[str, Any] | None, *, where: str) -> None:
+    """Refuse adapters trained on another base model (by the fingerprint in ``meta``)."""
+    saved = (meta or {}).get("fingerprint")
+    if not saved:
+        return
+    problems = compare_fingerprints(saved, base_fingerprint(model))
+    if problems:
+        raise ValueError(
+            f"{where} was trained on a different base model:\n  " + "\n  ".join(problems) + "\nLoad the "
+            "base model the adapters were trained on (and call this on the same module the PEFT callback "
+            "was attached to)."
+        )

@@ -48,9 +48,11 @@ __all__ = [
     "IdentityInitLinear",
     "Mergeable",
     "NormalInitLinear",
+    "OwnsHooks",
     "Restorable",
     "ZeroInitLinear",
     "iter_trainable_parameters",
+    "like",
     "mark",
     "mark_state",
     "remove_handles",
@@ -107,6 +109,30 @@ class Restorable(Protocol):
     :meth:`restore`, which :func:`lightning_peft.unload` calls right after ``remove_hooks()``."""
 
     def restore(self) -> None: ...
+
+
+class OwnsHooks:
+    """Mixin for tuner modules that act through hooks on other modules (:class:`HookOwner`): :meth:`keep`
+    the handle of every hook registered, and :meth:`remove_hooks` takes them all off (safe to call twice).
+    ``disabled`` is the :class:`Adapter` switch the hooks check."""
+
+    disabled: bool = False
+
+    def keep(self, handle: RemovableHandle) -> RemovableHandle:
+        """Record ``handle`` so :meth:`remove_hooks` can take its hook off; returns it."""
+        self.__dict__.setdefault("_handles", []).append(handle)
+        return handle
+
+    def remove_hooks(self) -> None:
+        remove_handles(self.__dict__.setdefault("_handles", []))
+
+
+def like(module: nn.Module, reference: nn.Module | Tensor) -> nn.Module:
+    """``module`` moved to the device and dtype of ``reference`` (a tensor, or a module's first parameter):
+    new tuner modules live where the base layer they join lives. A reference without parameters leaves
+    ``module`` as it is."""
+    ref = reference if isinstance(reference, Tensor) else next(reference.parameters(), None)
+    return module if ref is None else module.to(device=ref.device, dtype=ref.dtype)
 
 
 def remove_handles(handles: list[RemovableHandle]) -> None:

@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.api import mark_trainable
+from lightning_peft.api import freeze_base
+from lightning_peft.checkpoint import read_checkpoint, split_metadata
 from lightning_peft.config import TunerConfig, config_from_dict
-from lightning_peft.layers import META_KEY, Adapter, mark, replace_module, unmark
+from lightning_peft.layers import META_KEY, Adapter, BaseLayerWrapper, mark, replace_module, unmark
 
 __all__ = [
     "AdapterStack",
@@ -60,7 +61,7 @@ LIGHTNING_META_KEY = META_KEY
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
-class AdapterStack(nn.Module):
+class AdapterStack(BaseLayerWrapper):
     """Runs ``base_layer``, then the active adapters (in order) or a fusion of them, on its output."""
 
     #: Named adapters share one placement by design: targeting lets more of them in (not a collision).
@@ -74,14 +75,6 @@ class AdapterStack(nn.Module):
         self.disabled = False
         self._active: list[nn.Module] = []  # plain list: no dictionary walk per forward
         self.active_names: tuple[str, ...] = ()
-
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base_layer.bias
 
     def set_active(self, names: Sequence[str]) -> None:
         self.active_names = tuple(n for n in names if n in self.adapters)
@@ -201,7 +194,7 @@ def train_adapter(model: nn.Module, name: str) -> None:
                 mark(adapter)
             else:
                 unmark(adapter, state=False)
-    mark_trainable(model)
+    freeze_base(model)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -288,9 +281,8 @@ def read_adapter(path: str | Path) -> tuple[TunerConfig, dict[str, Tensor]]:
         return config_from_dict(meta["config"]), load_file(str(path / WEIGHTS_FILE))
     if not path.is_file():
         raise FileNotFoundError(f"no saved adapter at {str(path)!r} (a save_adapter folder or a .ckpt file)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = ckpt.get("state_dict", ckpt)
-    meta = state.get(LIGHTNING_META_KEY) if isinstance(state, Mapping) else None
+    ckpt = read_checkpoint(path)
+    state, meta = split_metadata(ckpt)
     if not meta or not meta.get("config"):
         raise ValueError(
             f"{str(path)!r} is not an adapter-only checkpoint of the PEFT callback "

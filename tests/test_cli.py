@@ -10,6 +10,7 @@ import torch
 from lightning_peft.callbacks import PEFT
 from lightning_peft.callbacks.adapter_checkpoint import META_KEY
 from lightning_peft.cli import PEFTCLI, main
+from tests.resume import ResumedFrom
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -25,7 +26,9 @@ def test_every_recipe_parses_and_instantiates(
         assert any(isinstance(cb, PEFT) for cb in cli.trainer.callbacks)
 
 
-def test_tiny_recipe_trains_and_summarises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_tiny_recipe_trains_and_summarises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, assert_resumed_from: ResumedFrom
+) -> None:
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(Path(__file__).parents[1] / "configs" / "tiny_lora.yaml")])
     out = capsys.readouterr().out
@@ -34,7 +37,19 @@ def test_tiny_recipe_trains_and_summarises(tmp_path: Path, monkeypatch: pytest.M
     keys = set(ckpt["state_dict"]) - {META_KEY}
     assert keys and all("lora_" in k or k.startswith("classifier.") for k in keys)
     assert (tmp_path / "outputs/tiny_lora/checkpoints/summary.json").exists()
-    # Resuming from the last checkpoint continues the run instead of starting over.
+    # Resuming from the last checkpoint continues the run instead of starting over: the first resumed
+    # step is step 6 (batch 6 of epoch 0, the bundled data has more than 6 batches of 16), with the
+    # checkpoint's adapters in place.
+    probe = assert_resumed_from(
+        tmp_path / "outputs/tiny_lora/checkpoints/last.ckpt", global_step=6, epoch=0, batch=6
+    )
+    before_fit = PEFTCLI.before_fit
+
+    def before_fit_with_probe(self: PEFTCLI) -> None:  # the CLI builds its Trainer itself
+        self.trainer.callbacks.append(probe)
+        before_fit(self)
+
+    monkeypatch.setattr(PEFTCLI, "before_fit", before_fit_with_probe)
     main(
         [
             "fit",

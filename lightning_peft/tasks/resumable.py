@@ -29,9 +29,13 @@ class EpochSeededSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.data), generator=generator).tolist()
+        order = self.order(generator)
         skip, self.skip = self.skip, 0
         return iter(order[skip:])
+
+    def order(self, generator: torch.Generator) -> list[int]:
+        """This epoch's full index order (a random permutation; subclasses may group it)."""
+        return torch.randperm(len(self.data), generator=generator).tolist()
 
     def __len__(self) -> int:
         return len(self.data)
@@ -45,11 +49,20 @@ class ResumableDataLoader(DataLoader):
         seed: base seed of the per-epoch permutation.
         trainer_ref: a zero-argument callable returning the running ``Trainer`` (or None); the loader
             reads the current epoch and, after a restore, how many batches of it were already trained.
+        sampler: an `EpochSeededSampler` (subclass) to use instead of a plain shuffle with ``seed``.
         **kwargs: passed to ``DataLoader`` (``batch_size``, ``collate_fn``, ``num_workers``, ...).
     """
 
-    def __init__(self, dataset: Any, *, seed: int, trainer_ref: Any, **kwargs: Any) -> None:
-        self._sampler = EpochSeededSampler(dataset, seed)
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        seed: int,
+        trainer_ref: Any,
+        sampler: EpochSeededSampler | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._sampler = sampler if sampler is not None else EpochSeededSampler(dataset, seed)
         # DataLoader draws a base seed for its iterator from `generator`, or from the global RNG when there
         # is none: a private generator keeps a resumed run's global RNG (dropout) in step with the original.
         kwargs.setdefault("generator", torch.Generator().manual_seed(seed))

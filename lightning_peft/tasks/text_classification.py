@@ -10,8 +10,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-from transformers import get_linear_schedule_with_warmup
 
+from lightning_peft.early_exit import predict as exit_predict
+from lightning_peft.tasks.exits import (
+    ExitTimer,
+    check_num_labels,
+    exit_eval,
+    exit_heads_of,
+    exit_train_loss,
+    final_exit_logits,
+)
+from lightning_peft.tasks.optim import adamw_linear_warmup
 from lightning_peft.tasks.pretrained import encoder_from_config, load_encoder, resolve_pretrained_path
 
 Pooling = Literal["cls", "mean"]
@@ -41,6 +50,12 @@ class TextClassifier(L.LightningModule):
         tiny = TextClassifier(config={"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2,
                                       "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 256})
 
+    Early exit: with exit heads on the backbone (``PEFT(EarlyExitConfig(...))``, alone or last in a tuner
+    list) the exits replace ``classifier``: training uses the config's multi-exit loss, ``val/acc`` is the
+    accuracy of the dynamic prediction (each sample at its own exit), and every exit's accuracy, the average
+    exit layer, the fraction of layers run and the wall-clock speed-up over the full model are logged
+    (:mod:`lightning_peft.tasks.exits`); ``predict_step`` exits early per sample.
+
     Args:
         model_name_or_path: A local model folder (``save_pretrained`` output), or ``"minilm"`` / ``None`` for
             the bundled all-MiniLM-L6-v2. Nothing is downloaded. Must be ``None`` when ``config`` is given.
@@ -53,6 +68,8 @@ class TextClassifier(L.LightningModule):
         pooling: ``"mean"`` (mask-aware average of token states; right for sentence-embedding models such as
             MiniLM) or ``"cls"`` (the first token's state).
         dropout: Dropout on the pooled vector before the head.
+        exit_timing: With exit heads, time the full and the dynamic model on every evaluation batch and
+            log the speed-up (two extra passes per batch).
     """
 
     def __init__(
@@ -65,6 +82,7 @@ class TextClassifier(L.LightningModule):
         warmup_ratio: float = 0.06,
         pooling: Pooling = "mean",
         dropout: float = 0.1,
+        exit_timing: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -92,6 +110,7 @@ class TextClassifier(L.LightningModule):
         self.val_f1 = MulticlassF1Score(num_labels, average="macro")
         self.test_acc = MulticlassAccuracy(num_labels)
         self.test_f1 = MulticlassF1Score(num_labels, average="macro")
+        self._exit_timer: ExitTimer | None = None
 
     def forward(
         self,
@@ -107,9 +126,13 @@ class TextClassifier(L.LightningModule):
             token_type_ids: ``(B, T)`` segment ids, for models that use them.
 
         Returns:
-            ``(B, num_labels)`` logits.
+            ``(B, num_labels)`` logits; with exit heads, the final exit's (the model run in full).
         """
         kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        if exit_heads_of(self.backbone) is not None:
+            return final_exit_logits(
+                self.backbone, input_ids=input_ids, attention_mask=attention_mask, **kwargs
+            )
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         return self.classifier(self.dropout(self.pool(hidden, attention_mask)))  # (B, C)
 
@@ -131,7 +154,12 @@ class TextClassifier(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Cross-entropy on one batch, logged as ``train/loss``."""
-        _, loss = self._logits_and_loss(batch)
+        heads = exit_heads_of(self.backbone)
+        if heads is not None:
+            check_num_labels(heads, self.hparams.num_labels)
+            loss = exit_train_loss(self.backbone, batch, self.global_step)
+        else:
+            _, loss = self._logits_and_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
         return loss
 
@@ -144,19 +172,46 @@ class TextClassifier(L.LightningModule):
         self._evaluate(batch, "test", self.test_acc, self.test_f1)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Predicted class ids ``(B,)``."""
+        """Predicted class ids ``(B,)`` (with exit heads: each sample at its own exit)."""
+        if exit_heads_of(self.backbone) is not None:
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+            return exit_predict(self.backbone, **inputs)[0].argmax(-1)
         return self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).argmax(-1)
 
     def _evaluate(
         self, batch: dict[str, torch.Tensor], split: str, acc: MulticlassAccuracy, f1: MulticlassF1Score
     ) -> None:
-        logits, loss = self._logits_and_loss(batch)
-        preds, size = logits.argmax(-1), batch["labels"].shape[0]
+        heads, size = exit_heads_of(self.backbone), batch["labels"].shape[0]
+        if heads is not None:
+            check_num_labels(heads, self.hparams.num_labels)
+            if self._exit_timer is None and self.hparams.exit_timing:
+                self._exit_timer = ExitTimer()
+            loss, logits, metrics = exit_eval(self.backbone, heads, batch, self._exit_timer)
+            for name, value in metrics.items():
+                self.log(f"{split}/{name}", value, batch_size=size, sync_dist=True)
+        else:
+            logits, loss = self._logits_and_loss(batch)
+        preds = logits.argmax(-1)
         acc.update(preds, batch["labels"])
         f1.update(preds, batch["labels"])
         self.log(f"{split}/loss", loss, batch_size=size, sync_dist=True)
         self.log(f"{split}/acc", acc, prog_bar=split == "val", batch_size=size)
         self.log(f"{split}/f1", f1, batch_size=size)
+
+    def on_validation_epoch_end(self) -> None:
+        """With exit heads and ``exit_timing``: log the epoch's wall-clock speed-up over the full model."""
+        self._log_exit_timing("val")
+
+    def on_test_epoch_end(self) -> None:
+        """As :meth:`on_validation_epoch_end`, for ``test/``."""
+        self._log_exit_timing("test")
+
+    def _log_exit_timing(self, split: str) -> None:
+        timer, self._exit_timer = self._exit_timer, None
+        if timer is not None:
+            self.log(f"{split}/speedup", timer.speedup())
+            self.log(f"{split}/time_full_s", timer.full)
+            self.log(f"{split}/time_dynamic_s", timer.dynamic)
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """AdamW over the parameters trainable *now* + linear warmup/decay stepped every optimizer step.
@@ -164,18 +219,10 @@ class TextClassifier(L.LightningModule):
         Raises:
             RuntimeError: Nothing is trainable.
         """
-        decay, no_decay = [], []
-        for param in self.parameters():
-            if param.requires_grad:
-                (decay if param.ndim >= 2 else no_decay).append(param)
-        if not decay and not no_decay:
-            raise RuntimeError("TextClassifier has no parameter with requires_grad=True to optimise")
-        groups = [
-            {"params": params, "weight_decay": wd}
-            for params, wd in ((decay, self.hparams.weight_decay), (no_decay, 0.0))
-            if params
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_linear_warmup(
+            self,
+            self.hparams.learning_rate,
+            self.hparams.weight_decay,
+            self.hparams.warmup_ratio,
+            self.trainer.estimated_stepping_batches,
+        )

@@ -26,16 +26,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.config import register_tuner
-from lightning_peft.layers import Adapter, mark, remove_handles
+from lightning_peft.layers import Adapter, OwnsHooks, mark
 from lightning_peft.layouts import find_stacks, layout_of
 from lightning_peft.targeting import block_index, find_modules
 from lightning_peft.tuners.bottleneck import BottleneckConfig, style_placements
@@ -113,7 +113,7 @@ def _detach_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple
     return args, kwargs
 
 
-class AdapterDropController(nn.Module):
+class AdapterDropController(OwnsHooks, nn.Module):
     """Decides per forward which adapted blocks run their adapters and where the backward stops."""
 
     def __init__(self, model: nn.Module, *, robust: bool, max_drop: int, seed: int) -> None:
@@ -131,17 +131,13 @@ class AdapterDropController(nn.Module):
         self._cut = 0
         # Partials of bound methods (not closures): a deep copy of the model rebinds them to the copied
         # controller, where a closure would keep driving the original one.
-        self._handles: list[RemovableHandle] = []
         for i, (_, block, _) in enumerate(self._blocks):
             module = model.get_submodule(block)
-            pre = functools.partial(self._pre_hook, i)
-            self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(functools.partial(self._post_hook, i)))
+            self.keep(
+                module.register_forward_pre_hook(functools.partial(self._pre_hook, i), with_kwargs=True)
+            )
+            self.keep(module.register_forward_hook(functools.partial(self._post_hook, i)))
         mark(self)  # its step counter is tuner state (no parameters)
-
-    def remove_hooks(self) -> None:
-        """Take the block hooks off the model (:class:`~lightning_peft.layers.HookOwner`)."""
-        remove_handles(self._handles)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -185,6 +181,36 @@ def set_adapter_drop(model: nn.Module, n: int) -> None:
         )
     _check_n(n, controller._blocks, "set_adapter_drop(n)")
     controller.eval_drop = n
+
+
+def _check_saved_below_cut(model: nn.Module, config: AdapterDropConfig, found: list[str], cut: int) -> None:
+    """Refuse (specialized) or warn about (robust) ``modules_to_save`` modules that run before block ``cut``.
+
+    The hidden state entering the lowest block with active adapters is detached, so a fully trained module
+    computed before it (an embedding, a lower block's layer) gets no gradient at all (specialized) or only
+    in the batches whose draw cuts below it (robust). Order is the model's module registration order,
+    which follows the forward in transformers' models (embeddings, then blocks, then heads).
+    """
+    if not config.modules_to_save:
+        return
+    block = next(n.split(f".{cut}.")[0] + f".{cut}" for n in found if block_index(n) == cut)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    saved = find_modules(model, config.modules_to_save, what="modules_to_save")
+    below = [s for s in saved if order[s] < order[block] and not block.startswith(s + ".")]
+    if not below:
+        return
+    what = (
+        f"AdapterDropConfig: modules_to_save {below} run before {block!r}, where AdapterDrop detaches the "
+        "hidden state (nothing below the lowest active adapter gets a gradient)"
+    )
+    if not config.robust:
+        raise ValueError(
+            f"{what}, so they would never train; drop fewer layers (drop_layers) or train them with a "
+            "plain BottleneckConfig"
+        )
+    warnings.warn(
+        f"{what}: they only train in batches whose drawn n leaves their block adapted", stacklevel=3
+    )
 
 
 @register_tuner("adapterdrop")
@@ -238,6 +264,8 @@ class AdapterDropConfig(BottleneckConfig):
                 f"AdapterDropConfig.max_drop={max_drop}: cannot drop more layers than the model has "
                 f"({len(blocks)} adapted blocks); at most {len(blocks) - 1}"
             )
+        highest_cut = blocks[max_drop] if self.robust else kept[0]  # the highest block the input is cut at
+        _check_saved_below_cut(model, self, found, highest_cut)
         base_fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(BottleneckConfig)}
         names = BottleneckConfig(**{**base_fields, "target_modules": targets, "layers": kept}).apply(model)
         controller = AdapterDropController(model, robust=self.robust, max_drop=max_drop, seed=self.seed)

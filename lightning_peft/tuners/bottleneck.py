@@ -27,6 +27,7 @@ from lightning_peft.layers import (
     BaseLayerWrapper,
     NormalInitLinear,
     ZeroInitLinear,
+    like,
     mark,
     replace_module,
 )
@@ -54,6 +55,17 @@ STYLE_PARTS: dict[str, tuple[str, ...]] = {
     "houlsby": ("attention_output", "ffn_output"),
     "pfeiffer": ("ffn_output",),
 }
+
+
+def bottleneck_width(d: int, reduction_factor: float, owner: str, name: str) -> int:
+    """``d // reduction_factor``, refused when it rounds to zero (a bottleneck of width 0)."""
+    m = int(d // reduction_factor)
+    if m < 1:
+        raise ValueError(
+            f"{owner}.reduction_factor={reduction_factor:g} on {name!r} ({d} features) gives a bottleneck of "
+            f"width {d / reduction_factor:.3g} < 1; use reduction_factor <= {d} or set bottleneck_size"
+        )
+    return m
 
 
 def style_placements(model: nn.Module, style: str, *, owner: str) -> list[str]:
@@ -118,14 +130,11 @@ class BottleneckConfig(TunerConfig):
         for name in self.placements(model):
             base = model.get_submodule(name)
             d = output_width(base, name)
-            m = self.bottleneck_size or max(1, int(d // self.reduction_factor))
+            m = self.bottleneck_size or bottleneck_width(d, self.reduction_factor, type(self).__name__, name)
             adapter = BottleneckAdapter(
                 d, m, activation=self.activation, scaling=self.scaling, init=self.init
             )
-            ref = next(base.parameters(), None)
-            if ref is not None:
-                adapter.to(device=ref.device, dtype=ref.dtype)
-            adapters[name] = adapter
+            adapters[name] = like(adapter, base)
         return adapters
 
     def apply(self, model: nn.Module) -> list[str]:

@@ -37,6 +37,7 @@ from lightning_peft.tuners.bottleneck import (
     ACTIVATIONS,
     STYLE_PARTS,
     AdapterAfter,
+    bottleneck_width,
     output_width,
     style_placements,
 )
@@ -291,8 +292,9 @@ class CompacterConfig(TunerConfig):
             d = output_width(base, name)
             if d % self.phm_dim:
                 raise ValueError(f"{name!r} has width {d}, not a multiple of phm_dim={self.phm_dim}")
-            m0 = max(1, int(d // self.reduction_factor))
-            m = self.bottleneck_size or self.phm_dim * math.ceil(m0 / self.phm_dim)
+            m = self.bottleneck_size or self.phm_dim * math.ceil(
+                bottleneck_width(d, self.reduction_factor, type(self).__name__, name) / self.phm_dim
+            )
             ref = next(base.parameters(), None)
             kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
             if self.shared_phm_rule and shared is None:

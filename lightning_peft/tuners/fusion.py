@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.config import TunerConfig, check_positive, register_tuner
-from lightning_peft.layers import IdentityInitLinear, NormalInitLinear, mark, unmark
+from lightning_peft.layers import IdentityInitLinear, NormalInitLinear, like, mark, unmark
 from lightning_peft.named import (
     add_adapter,
     list_adapters,
@@ -124,7 +124,7 @@ def add_fusion(model: nn.Module, names: Sequence[str], *, temperature: float = 1
             unmark(adapter, state=False)
     for placement, stack in placements:
         fusion = AdapterFusion(output_width(stack, placement), names, temperature=temperature)
-        stack.fusion = fusion.to(device=stack.weight.device, dtype=stack.weight.dtype)
+        stack.fusion = like(fusion, stack.weight)
         stack.set_active(names)
     return [p for p, _ in placements]
 

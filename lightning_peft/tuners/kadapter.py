@@ -42,20 +42,18 @@ adapter channels), so ``identity_at_init = False``; the base part is checked sep
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
-from torch.utils.hooks import RemovableHandle
 
-from lightning_peft.api import mark_trainable
+from lightning_peft.api import freeze_base
 from lightning_peft.config import TunerConfig, check_positive, config_from_dict, register_tuner
-from lightning_peft.layers import TRAINABLE_ATTR, NormalInitLinear, mark, mark_state, remove_handles, unmark
+from lightning_peft.layers import TRAINABLE_ATTR, OwnsHooks, like, mark, mark_state, unmark
 from lightning_peft.layouts import find_hf_model, find_stacks
 from lightning_peft.targeting import find_modules
+from lightning_peft.tuners.kadapter_layers import KnowledgeAdapter, KnowledgeAdapterLayer
 
 __all__ = [
     "KAdapterConfig",
@@ -75,81 +73,7 @@ __all__ = [
 SET_NAME = "kadapters"
 
 
-class _SelfAttention(nn.MultiheadAttention):
-    """``nn.MultiheadAttention`` whose init is public as ``reset_parameters()``: torch names it
-    ``_reset_parameters()``, which meta-device materialisation (Lightning's) does not call, leaving the
-    attention's projections uninitialised memory."""
-
-    def reset_parameters(self) -> None:
-        self._reset_parameters()
-
-
-class _OutProjection(NonDynamicallyQuantizableLinear):
-    """The attention's output projection: ``nn.Linear``'s weight and the zero bias that
-    ``nn.MultiheadAttention``'s init gives it, also when it is reset after the attention."""
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-
-def _encoder_layer(hidden: int, heads: int, ffn: int, dropout: float) -> nn.TransformerEncoderLayer:
-    """torch's encoder layer, built by torch as usual, whose attention keeps its init through meta-device
-    materialisation: the two modules get a subclass adding only the resets above (no state, so switching
-    an instance's class is safe, as FSDP2's ``fully_shard`` does)."""
-    layer = nn.TransformerEncoderLayer(
-        hidden, heads, ffn, dropout=dropout, activation="gelu", batch_first=True
-    )
-    layer.self_attn.__class__ = _SelfAttention
-    layer.self_attn.out_proj.__class__ = _OutProjection
-    return layer
-
-
-class KnowledgeAdapterLayer(nn.Module):
-    """``h + up(TransformerEncoderLayer^N(down(h)))``: (B, T, d) -> (B, T, d)."""
-
-    def __init__(self, d: int, hidden: int, *, num_layers: int, heads: int, ffn: int, dropout: float) -> None:
-        super().__init__()
-        # The released code: small normal init (2e-4 on the up projection), zero biases; in the layers'
-        # own reset_parameters(), so it survives meta-device materialisation (see lightning_peft.layers).
-        self.down = NormalInitLinear(d, hidden, std=0.02)
-        self.encoder = nn.ModuleList(_encoder_layer(hidden, heads, ffn, dropout) for _ in range(num_layers))
-        self.up = NormalInitLinear(hidden, d, std=2e-4)
-
-    def reset_parameters(self) -> None:
-        """Re-initialise every tensor of the layer as at construction."""
-        for module in self.modules():
-            reset = getattr(module, "reset_parameters", None)
-            if module is not self and callable(reset):
-                reset()
-
-    def forward(self, h: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        x = self.down(h)
-        for layer in self.encoder:
-            x = layer(x, src_key_padding_mask=padding_mask)
-        return h + self.up(x)
-
-
-class KnowledgeAdapter(nn.Module):
-    """One knowledge adapter: a chain of :class:`KnowledgeAdapterLayer` reading base blocks ``reads``."""
-
-    def __init__(self, d: int, reads: Sequence[int], **layer_kw: Any) -> None:
-        super().__init__()
-        self.reads = list(reads)
-        self.layers = nn.ModuleList(KnowledgeAdapterLayer(d, **layer_kw) for _ in self.reads)
-
-    def forward(self, hidden: dict[int, Tensor], padding_mask: Tensor | None = None) -> Tensor:
-        prev: Tensor | None = None
-        for index, layer in zip(self.reads, self.layers, strict=True):
-            h = hidden[index] if prev is None else hidden[index] + prev
-            prev = layer(h, padding_mask)
-        assert prev is not None
-        return prev
-
-
-class KAdapterSet(nn.Module):
+class KAdapterSet(OwnsHooks, nn.Module):
     """The knowledge adapters of one model, and the hooks that feed them.
 
     Lives as child ``kadapters`` of the Hugging Face model. Forward hooks on the chosen blocks capture
@@ -171,13 +95,10 @@ class KAdapterSet(nn.Module):
         self.base_output: Tensor | None = None
         # Bound methods and partials of them (not closures): a deep copy of the model rebinds them to
         # the copied set, where a closure would keep feeding the original one.
-        self._handles: list[RemovableHandle] = [
-            model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-        ]
+        self.keep(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         for i, name in enumerate(blocks):
-            hook = functools.partial(self._block_hook, i)
-            self._handles.append(model.get_submodule(name).register_forward_hook(hook))
-        self._handles.append(model.register_forward_hook(self._post_hook))
+            self.keep(model.get_submodule(name).register_forward_hook(functools.partial(self._block_hook, i)))
+        self.keep(model.register_forward_hook(self._post_hook))
         mark_state(self)  # frozen knowledge adapters are trained state too: checkpoints keep them
 
     def forward(self, hidden: dict[int, Tensor], padding_mask: Tensor | None = None) -> dict[str, Tensor]:
@@ -221,7 +142,7 @@ class KAdapterSet(nn.Module):
 
     def remove_hooks(self) -> None:
         """Take every hook of this set off the model (:class:`~lightning_peft.layers.HookOwner`)."""
-        remove_handles(self._handles)
+        super().remove_hooks()
         self._hidden, self.features, self.base_output = {}, {}, None
 
 
@@ -301,14 +222,12 @@ def add_kadapter(root: nn.Module, config: KAdapterConfig) -> list[str]:
         ffn=config.ffn_size or 4 * hidden,
         dropout=config.dropout,
     )
-    ref = next(model.parameters(), None)
-    if ref is not None:
-        adapter.to(device=ref.device, dtype=ref.dtype)
+    like(adapter, model)
     adapter.train(model.training)  # an eval model gets an eval adapter (no dropout)
     kset.adapters[config.name] = adapter
     kset.configs[config.name] = config
     train_kadapter(root, config.name)
-    mark_trainable(root)
+    freeze_base(root)
     return [f"{prefix}.{blocks[i]}" if prefix else blocks[i] for i in reads]
 
 
@@ -325,7 +244,7 @@ def train_kadapter(root: nn.Module, name: str | None) -> None:
             mark(adapter)
         else:
             unmark(adapter, state=False)
-    mark_trainable(root)
+    freeze_base(root)
 
 
 def kadapter_record(root: nn.Module) -> dict[str, Any] | None:

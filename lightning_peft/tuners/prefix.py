@@ -40,7 +40,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.attention.base import available_attention, get_attention
 from lightning_peft.attention.swap import (
@@ -52,7 +51,7 @@ from lightning_peft.attention.swap import (
     variant_attention,
 )
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
-from lightning_peft.layers import mark, remove_handles
+from lightning_peft.layers import OwnsHooks, like, mark
 from lightning_peft.layouts import find_stacks
 from lightning_peft.tuners.prompt import (
     PROMPT_ATTR,
@@ -69,7 +68,7 @@ PREFIX_KEY = "lightning_peft_prefix"
 _LAYER_ATTR = "_lp_prefix"
 
 #: Attention sites of an encoder-decoder model (Li & Liang's three prefixes).
-SITES = ("encoder_self", "decoder_self", "cross")
+PREFIX_SITES = ("encoder_self", "decoder_self", "cross")
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ class _Site:
     bias_owner: nn.Module | None = None
 
 
-class PrefixEncoder(nn.Module):
+class PrefixEncoder(OwnsHooks, nn.Module):
     """Per-layer prefixes: ``layer_kv(i)`` is ``(2, H, l, D)`` (keys, values) for attention layer ``i``.
 
     ``embedding.weight`` is ``(l, 2 L w)`` (plain) or ``(l, w)`` with the ``transform`` MLP; the output's
@@ -109,14 +108,9 @@ class PrefixEncoder(nn.Module):
         #: Positions enter the attention scores (T5's relative bias): the shift happens in the attention
         #: function, the model takes no ``position_ids``.
         self.relative_positions = False
-        self._handles: list[RemovableHandle] = []  # the root pre-hook inject_prefix registers
         self._layers: list[nn.Module] = []  # attention modules holding a _Site entry (plain references)
         self._prior: list[tuple[Any, str | None]] = []  # (config, attention implementation before us)
         mark(self)
-
-    def remove_hooks(self) -> None:
-        """Take the position-shift pre-hook off the model (:class:`~lightning_peft.layers.HookOwner`)."""
-        remove_handles(self._handles)
 
     def restore(self) -> None:
         """Undo the rest of :func:`inject_prefix` (:class:`~lightning_peft.layers.Restorable`): the layers'
@@ -308,7 +302,7 @@ def _attention_sites(
             f"{owner}.sites applies to encoder-decoder models; {type(root).__name__} has one stack: "
             "leave sites=None (every self-attention layer gets a prefix)"
         )
-    chosen = SITES if sites is None else sites
+    chosen = PREFIX_SITES if sites is None else sites
     found = []
     for stack in stacks:
         layout = stack.layout.block
@@ -367,7 +361,7 @@ def inject_prefix(
     )
     encoder = PrefixEncoder(n, len(layers), int(kv_heads), int(head_dim), hidden)
     weight = root.get_input_embeddings().weight
-    encoder.to(device=weight.device, dtype=weight.dtype)
+    like(encoder, weight)
     encoder.shift_positions = shift_positions
     encoder.causal = any(causal for _, _, site, causal in found if site == "self")
     encoder.relative_positions = any(hasattr(m, "relative_attention_bias") for m in root.modules())
@@ -377,7 +371,7 @@ def inject_prefix(
         bias_owner = None if site in ("self", "cross") else _bias_owner(root, path)
         layer.__dict__[_LAYER_ATTR] = _Site(encoder, i, causal, bias_owner)  # plain reference: no submodule
         encoder._layers.append(layer)
-    encoder._handles.append(root.register_forward_pre_hook(encoder.shift, with_kwargs=True))
+    encoder.keep(root.register_forward_pre_hook(encoder.shift, with_kwargs=True))
     _register()  # a variant swapped in before (INTERFACE_KEY) is reached from inside the wrapper
     configs = {id(c): c for m in root.modules() if (c := getattr(m, "config", None)) is not None}
     # Sub-configs too: T5's encoder and decoder stacks keep their own copies.
@@ -439,12 +433,12 @@ class PrefixTuningConfig(TunerConfig):
         if self.sites is not None:
             if isinstance(self.sites, str) or not self.sites:
                 raise ValueError(
-                    f"PrefixTuningConfig.sites must be a non-empty list drawn from {list(SITES)}, "
+                    f"PrefixTuningConfig.sites must be a non-empty list drawn from {list(PREFIX_SITES)}, "
                     f"got {self.sites!r}"
                 )
             self.sites = list(self.sites)
             for site in self.sites:
-                check_choice("PrefixTuningConfig", "sites", site, SITES)
+                check_choice("PrefixTuningConfig", "sites", site, PREFIX_SITES)
             if len(set(self.sites)) != len(self.sites):
                 raise ValueError(f"PrefixTuningConfig.sites lists a site twice: {self.sites}")
 

@@ -36,10 +36,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
-from lightning_peft.layers import mark, remove_handles
+from lightning_peft.layers import OwnsHooks, like, mark
 from lightning_peft.layouts import find_hf_model
 
 __all__ = ["PromptEmbedding", "PromptTuningConfig", "VirtualTokens", "attach_virtual_tokens", "hf_root"]
@@ -92,7 +91,7 @@ def call_kwargs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[s
     return {**dict(zip(names, args, strict=False)), **kwargs}
 
 
-class VirtualTokens(nn.Module):
+class VirtualTokens(OwnsHooks, nn.Module):
     """Base of the prompt modules: ``forward()`` returns the ``(n, d)`` virtual-token embeddings; the
     pre-hook :meth:`insert` puts them in front of a Hugging Face model's inputs."""
 
@@ -101,11 +100,6 @@ class VirtualTokens(nn.Module):
         self.num_virtual_tokens = num_virtual_tokens
         self.disabled = False
         self.encoder_decoder = False  # hooked on an encoder-decoder's encoder (see the module docstring)
-        self._handles: list[RemovableHandle] = []  # the hooks attach_virtual_tokens registers
-
-    def remove_hooks(self) -> None:
-        """Take this prompt's hooks off the model (:class:`~lightning_peft.layers.HookOwner`)."""
-        remove_handles(self._handles)
 
     def forward(self) -> Tensor:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
@@ -184,17 +178,13 @@ def attach_virtual_tokens(model: nn.Module, prompt: VirtualTokens, owner: str) -
     root = hf_root(model, owner, encoder_decoder=True)
     if PROMPT_ATTR in root._modules:
         raise ValueError(f"{owner}: {type(root).__name__} already has a {PROMPT_ATTR!r} module")
-    weight = root.get_input_embeddings().weight
-    prompt.to(device=weight.device, dtype=weight.dtype)
-    root.add_module(PROMPT_ATTR, prompt)
+    root.add_module(PROMPT_ATTR, like(prompt, root.get_input_embeddings().weight))
     if getattr(root.config, "is_encoder_decoder", False):
         prompt.encoder_decoder = True
-        prompt._handles += [
-            root.get_encoder().register_forward_pre_hook(prompt.insert, with_kwargs=True),
-            root.register_forward_pre_hook(prompt.extend_encoder_mask, with_kwargs=True),
-        ]
+        prompt.keep(root.get_encoder().register_forward_pre_hook(prompt.insert, with_kwargs=True))
+        prompt.keep(root.register_forward_pre_hook(prompt.extend_encoder_mask, with_kwargs=True))
     else:
-        prompt._handles.append(root.register_forward_pre_hook(prompt.insert, with_kwargs=True))
+        prompt.keep(root.register_forward_pre_hook(prompt.insert, with_kwargs=True))
     mark(prompt)
     path = next(name for name, m in model.named_modules() if m is root)
     return f"{path}.{PROMPT_ATTR}" if path else PROMPT_ATTR

@@ -43,16 +43,27 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
-from lightning_peft.layers import ZeroInitLinear, mark, remove_handles, replace_module
+from lightning_peft.layers import like, replace_module
 from lightning_peft.layouts import block_part_names, find_stacks, resolve_path
 from lightning_peft.targeting import find_modules
-from lightning_peft.tuners.bottleneck import ACTIVATIONS, AdapterAfter, BottleneckAdapter, _output_width
+from lightning_peft.tuners.bottleneck import (
+    ACTIVATIONS,
+    AdapterAfter,
+    BottleneckAdapter,
+    _output_width,
+    bottleneck_width,
+)
 from lightning_peft.tuners.lora import LoRAConfig
+from lightning_peft.tuners.parallel_adapter import (
+    GatedBranch,
+    MultiHeadBranch,
+    MultiHeadParallelAdapter,
+    ParallelAdapter,
+    Residual,
+)
 from lightning_peft.tuners.prefix import inject_prefix
 
 __all__ = [
@@ -66,7 +77,7 @@ __all__ = [
 ]
 
 FORMS = ("bottleneck", "lowrank", "prefix")
-SITES = ("attention", "attention_heads", "ffn")
+REPRESENTATIONS = ("attention", "attention_heads", "ffn")
 INSERTIONS = ("sequential", "parallel")
 COMPOSITIONS = ("add", "scaled_add", "gated_add")
 
@@ -120,7 +131,7 @@ class DesignPoint:
     prefix_projection_size: int | None = None
 
     def __post_init__(self) -> None:
-        for name, allowed in (("form", FORMS), ("at", SITES), ("insertion", INSERTIONS)):
+        for name, allowed in (("form", FORMS), ("at", REPRESENTATIONS), ("insertion", INSERTIONS)):
             check_choice("DesignPoint", name, getattr(self, name), list(allowed))
         check_choice("DesignPoint", "composition", self.composition, list(COMPOSITIONS))
         check_choice("DesignPoint", "activation", self.activation, list(ACTIVATIONS))
@@ -194,137 +205,6 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
 PRESETS["adapter"] = PRESETS["houlsby"]
 
 
-class GatedBranch(nn.Module):
-    """``Δh(x) = s * σ(gate(x)) * up(act(down(x)))`` (``σ`` only for the gated composition); ``up`` starts
-    at zero so the branch starts at exactly zero."""
-
-    def __init__(self, d: int, m: int, *, activation: str, scale: float, gated: bool) -> None:
-        super().__init__()
-        self.down = nn.Linear(d, m)
-        self.act = ACTIVATIONS[activation]()
-        self.up = ZeroInitLinear(m, d)  # zero in its own reset_parameters(): kept through materialisation
-        self.gate = nn.Linear(d, 1) if gated else None
-        self.scale = scale
-        mark(self)
-
-    def reset_parameters(self) -> None:
-        """Re-initialise the branch (``up`` zero: the branch adds exactly zero again)."""
-        for linear in (self.down, self.up, self.gate):
-            if linear is not None:
-                linear.reset_parameters()
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.up(self.act(self.down(x))) * self.scale
-        return out if self.gate is None else out * torch.sigmoid(self.gate(x))
-
-
-class _Residual(nn.Module):
-    """Sequential insertion of a branch: ``h + Δh(h)``."""
-
-    def __init__(self, branch: GatedBranch) -> None:
-        super().__init__()
-        self.branch = branch
-
-    def forward(self, h: Tensor) -> Tensor:
-        return h + self.branch(h)
-
-
-class ParallelAdapter(nn.Module):
-    """Wraps a sub-layer's output projection ``base_layer``: its result plus ``Δh(x)`` of the sub-layer's
-    input ``x``, which :meth:`capture` (a forward pre-hook on the sub-layer's first projection) records."""
-
-    def __init__(self, base_layer: nn.Module, branch: GatedBranch) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapter = branch
-        self.disabled = False
-        self._x: Tensor | None = None
-        self._handles: list[RemovableHandle] = []  # the capture pre-hook on the sub-layer's input projection
-
-    def remove_hooks(self) -> None:
-        """Take the capture hook off the input projection (:class:`~lightning_peft.layers.HookOwner`)."""
-        remove_handles(self._handles)
-        self._x = None
-
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base_layer.bias
-
-    def capture(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        self._x = args[0] if args else next(iter(kwargs.values()))
-
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        out = self.base_layer(*args, **kwargs)
-        x, self._x = self._x, None
-        if self.disabled:
-            return out
-        if x is None:
-            raise RuntimeError(
-                "ParallelAdapter: the sub-layer input was not captured (was its input projection run?)"
-            )
-        return out + self.adapter(x).to(out.dtype)
-
-
-class MultiHeadBranch(nn.Module):
-    """Per-head bottlenecks: ``(..., d) -> (..., H * head_dim)``, head ``i``'s slice being
-    ``s * σ(gate(x)_i) * (act(x A_i^T + a_i) U_i + u_i)`` (``σ`` only when gated); ``U`` starts at zero."""
-
-    def __init__(
-        self, d: int, heads: int, head_dim: int, m: int, *, activation: str, scale: float, gated: bool
-    ) -> None:
-        super().__init__()
-        self.heads, self.head_dim, self.m = heads, head_dim, m
-        self.down = nn.Linear(d, heads * m)  # rows i*m .. (i+1)*m - 1: head i's down projection A_i
-        self.act = ACTIVATIONS[activation]()
-        self.up_weight = nn.Parameter(torch.zeros(heads, m, head_dim))  # U_i
-        self.up_bias = nn.Parameter(torch.zeros(heads, head_dim))  # u_i
-        self.gate = nn.Linear(d, heads) if gated else None
-        self.scale = scale
-        mark(self)
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Re-initialise the branch: ``U`` and ``u`` zero (the branch adds exactly zero), the down and gate
-        projections as ``nn.Linear``. This module holds ``U`` and ``u`` itself, so meta-device
-        materialisation calls this for them."""
-        nn.init.zeros_(self.up_weight)
-        nn.init.zeros_(self.up_bias)
-        for linear in (self.down, self.gate):
-            if linear is not None:
-                linear.reset_parameters()
-
-    def forward(self, x: Tensor) -> Tensor:
-        z = self.act(self.down(x)).unflatten(-1, (self.heads, self.m))  # (..., H, m)
-        out = torch.einsum("...hm,hmk->...hk", z, self.up_weight) + self.up_bias  # (..., H, head_dim)
-        out = out * self.scale
-        if self.gate is not None:
-            out = out * torch.sigmoid(self.gate(x))[..., None]
-        return out.flatten(-2)  # heads side by side, as the output projection reads them
-
-    def extra_repr(self) -> str:
-        return f"heads={self.heads}, head_dim={self.head_dim}, m={self.m}"
-
-
-class MultiHeadParallelAdapter(ParallelAdapter):
-    """Wraps the attention output projection: ``base_layer(heads + Δh(x))``, ``x`` the attention
-    sub-layer input recorded by :meth:`capture`."""
-
-    def forward(self, heads: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        x, self._x = self._x, None
-        if not self.disabled:
-            if x is None:
-                raise RuntimeError(
-                    "MultiHeadParallelAdapter: the attention input was not captured (was its query "
-                    "projection run?)"
-                )
-            heads = heads + self.adapter(x).to(heads.dtype)
-        return self.base_layer(heads, *args, **kwargs)
-
-
 def _input_width(module: nn.Module, name: str) -> int:
     module = getattr(module, "base_layer", module)  # the projection itself when already wrapped
     if isinstance(module, nn.Linear):
@@ -355,25 +235,24 @@ def _bottleneck(model: nn.Module, point: DesignPoint, layers: list[int] | None) 
             _multi_head(model, point, name, sources[_block_of(name, sources)])
             continue
         d = _output_width(base, name)
-        m = point.bottleneck_size or max(1, int(d // point.reduction_factor))
+        m = point.bottleneck_size or bottleneck_width(d, point.reduction_factor, "DesignPoint", name)
         scale = point.scale if point.composition == "scaled_add" else 1.0
-        ref = next(base.parameters())
         if point.insertion == "sequential" and point.composition != "gated_add":
             # Exactly BottleneckConfig's module: the adapter/houlsby/pfeiffer presets are that method.
             adapter: nn.Module = BottleneckAdapter(d, m, activation=point.activation, scaling=scale)
-            replace_module(model, name, AdapterAfter(base, adapter.to(ref.device, ref.dtype)))
+            replace_module(model, name, AdapterAfter(base, like(adapter, base)))
             continue
         branch = GatedBranch(
             d, m, activation=point.activation, scale=scale, gated=point.composition == "gated_add"
         )
-        branch.to(ref.device, ref.dtype)
+        like(branch, base)
         if point.insertion == "sequential":
-            replace_module(model, name, AdapterAfter(base, _Residual(branch)))
+            replace_module(model, name, AdapterAfter(base, Residual(branch)))
             continue
         wrapper = ParallelAdapter(base, branch)
         replace_module(model, name, wrapper)
         source = model.get_submodule(sources[_block_of(name, sources)])
-        wrapper._handles.append(source.register_forward_pre_hook(wrapper.capture, with_kwargs=True))
+        wrapper.keep(source.register_forward_pre_hook(wrapper.capture, with_kwargs=True))
     return sinks
 
 
@@ -393,11 +272,10 @@ def _multi_head(model: nn.Module, point: DesignPoint, name: str, source: str) ->
         scale=scale,
         gated=point.composition == "gated_add",
     )
-    ref = next(base.parameters())
-    wrapper = MultiHeadParallelAdapter(base, branch.to(ref.device, ref.dtype))
+    wrapper = MultiHeadParallelAdapter(base, like(branch, base))
     replace_module(model, name, wrapper)
     hook = model.get_submodule(source).register_forward_pre_hook(wrapper.capture, with_kwargs=True)
-    wrapper._handles.append(hook)
+    wrapper.keep(hook)
 
 
 @register_tuner("unified")
@@ -433,6 +311,10 @@ class UnifiedConfig(TunerConfig):
                 f"UnifiedConfig: preset={self.preset!r} and points=[...] conflict; give one (a preset is a "
                 "fixed list of points: PRESETS[name])"
             )
+        if self.preset is None and self.points is None:
+            raise ValueError(
+                f"UnifiedConfig needs preset=... (one of {', '.join(map(repr, PRESETS))}) or points=[...]"
+            )
         if self.preset is not None:
             check_choice("UnifiedConfig", "preset", self.preset, list(PRESETS))
         if self.points is not None and not self.points:
@@ -448,7 +330,7 @@ class UnifiedConfig(TunerConfig):
 
     def design_points(self) -> list[DesignPoint]:
         """The validated points of this config (a preset's, or ``points``)."""
-        raw = self.points if self.points is not None else PRESETS[self.preset or "parallel"]
+        raw = self.points if self.points is not None else PRESETS[self.preset]
         out = []
         for item in raw:
             names = {f.name for f in dataclasses.fields(DesignPoint)}

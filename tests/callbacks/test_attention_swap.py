@@ -16,6 +16,7 @@ from lightning_peft import LoRAConfig
 from lightning_peft.attention.swap import swap_attention, swapped
 from lightning_peft.callbacks import PEFT, AttentionSwap
 from lightning_peft.callbacks.attention_swap import CHECKPOINT_KEY, explain_load_error
+from tests.resume import ResumedFrom
 
 
 def tiny_bert() -> BertForSequenceClassification:
@@ -57,7 +58,13 @@ class TinyClassifier(L.LightningModule):
         return DataLoader(TensorDataset(ids, mask, torch.randint(0, 2, (8,), generator=g)), batch_size=4)
 
 
-def fit(tmp_path: Path, module: L.LightningModule, callback: AttentionSwap | None, **kwargs) -> L.Trainer:
+def fit(
+    tmp_path: Path,
+    module: L.LightningModule,
+    callback: AttentionSwap | None,
+    extra: list[L.Callback] | None = None,
+    **kwargs,
+) -> L.Trainer:
     trainer = L.Trainer(
         accelerator="cpu",
         limit_train_batches=2,
@@ -66,7 +73,7 @@ def fit(tmp_path: Path, module: L.LightningModule, callback: AttentionSwap | Non
         enable_progress_bar=False,
         enable_model_summary=False,
         logger=False,
-        callbacks=[callback] if callback else [],
+        callbacks=([callback] if callback else []) + (extra or []),
     )
     trainer.fit(module, **kwargs)
     return trainer
@@ -118,16 +125,37 @@ def test_setup_again_is_idempotent(tmp_path: Path) -> None:
     assert dict(module.named_parameters()) == params
 
 
-def test_resuming_with_the_same_variant_works(tmp_path: Path) -> None:
-    fit(tmp_path, TinyClassifier(), AttentionSwap("sliding_window", window=8))
+class _SeedEachStep(L.Callback):
+    """Dropout draws that depend on the step only, so a resumed step draws what the uninterrupted one did."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        torch.manual_seed(trainer.global_step)
+
+
+def test_resuming_with_the_same_variant_works(tmp_path: Path, assert_resumed_from: ResumedFrom) -> None:
+    L.seed_everything(0)
+    full = TinyClassifier()
+    fit(tmp_path / "full", full, AttentionSwap("sliding_window", window=8), [_SeedEachStep()], max_epochs=2)
+    L.seed_everything(0)
+    fit(tmp_path, TinyClassifier(), AttentionSwap("sliding_window", window=8), [_SeedEachStep()])
     ckpt = only_checkpoint(tmp_path)
-    fit(
+    probe = assert_resumed_from(ckpt, global_step=2, epoch=1, batch=0)  # 2 batches per epoch
+    resumed = TinyClassifier()
+    trainer = fit(
         tmp_path / "b",
-        TinyClassifier(),
+        resumed,
         AttentionSwap("sliding_window", window=8),
+        extra=[_SeedEachStep(), probe],
         ckpt_path=ckpt,
         max_epochs=2,
     )
+    assert trainer.global_step == 4
+    report = swapped(resumed.model)
+    assert report is not None and report.variant == "sliding_window" and report.options == {"window": 8}
+    # The second epoch ran through the window-8 variant, as the uninterrupted run's did (at length 12 a
+    # window of 8 differs from dense attention, so a resumed run on dense attention would not match).
+    for key, value in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize(

@@ -15,10 +15,11 @@ import lightning_peft as lp
 from lightning_peft.callbacks import PEFT
 from lightning_peft.callbacks.adapter_checkpoint import META_KEY
 from tests.lit_helpers import TinyClassifier, tiny_loader, trainer
+from tests.resume import ResumedFrom
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
+def test_ddp_two_cpu_processes(tmp_path: Path, assert_resumed_from: ResumedFrom) -> None:
     script = Path(__file__).with_name("ddp_train.py")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
@@ -36,10 +37,13 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     saved = torch.load(ckpts[0], weights_only=False)
     assert set(saved["state_dict"]) - {META_KEY} == set(ranks[0]["adapters"])
 
-    # The DDP checkpoint resumes in a single process.
+    # The DDP checkpoint resumes in a single process at its step (3: the end of epoch 0, 3 batches per rank)
+    # with its adapters. Lightning carries the 3 batches that epoch had into the single process's epoch of 6
+    # batches, so the first resumed batch is numbered 3, in epoch 1.
     module = TinyClassifier()
     config = lp.LoRAConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"])
-    trainer(tmp_path / "single", [PEFT(config)], max_steps=5, max_epochs=10).fit(
+    probe = assert_resumed_from(ckpts[0], global_step=3, epoch=1, batch=3)
+    trainer(tmp_path / "single", [PEFT(config), probe], max_steps=5, max_epochs=10).fit(
         module, tiny_loader(), ckpt_path=str(ckpts[0])
     )
     assert module.trainer.global_step == 5, (saved["global_step"], module.trainer.global_step)

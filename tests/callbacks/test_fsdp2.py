@@ -216,7 +216,7 @@ def test_fsdp2_single_file_checkpoint(tmp_path: Path, build: str) -> None:
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.ckpt"] and ckpt.is_file()
     checkpoint = torch.load(ckpt, weights_only=False)
     state = checkpoint["state_dict"]
-    meta = state[META_KEY]
+    meta = checkpoint[META_KEY]
     assert meta["config"] == lora().to_dict() and meta["fingerprint"]
     assert set(meta["fingerprint"]) == {k.replace(".base_layer", "") for k in train[0]["end"]["frozen"]}
     tensors = {k: v for k, v in state.items() if k != META_KEY}

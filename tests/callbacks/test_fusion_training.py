@@ -16,6 +16,7 @@ from lightning_peft.callbacks import PEFT
 from lightning_peft.callbacks.adapter_checkpoint import META_KEY
 from lightning_peft.tuners.fusion import AdapterFusion, FusionConfig, fusion_weights, plot_fusion_weights
 from tests.lit_helpers import TinyClassifier, tiny_loader, trainer
+from tests.resume import ResumedFrom
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -45,13 +46,18 @@ def _fusion_config(stage1: dict[str, str]) -> FusionConfig:
     return FusionConfig(adapters=stage1, modules_to_save=["classifier"])
 
 
-def _stage2(root: Path, stage1: dict[str, str], epochs: int, ckpt_path: str | None = None) -> TinyClassifier:
+def _stage2(
+    root: Path,
+    stage1: dict[str, str],
+    epochs: int,
+    ckpt_path: str | None = None,
+    probe: L.Callback | None = None,
+) -> TinyClassifier:
     L.seed_everything(3)
     module = TinyClassifier()
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0)
-    trainer(root, [PEFT(_fusion_config(stage1)), ckpt], max_epochs=epochs).fit(
-        module, tiny_loader(seed=3), ckpt_path=ckpt_path
-    )
+    callbacks = [PEFT(_fusion_config(stage1)), ckpt, *([probe] if probe else [])]
+    trainer(root, callbacks, max_epochs=epochs).fit(module, tiny_loader(seed=3), ckpt_path=ckpt_path)
     return module
 
 
@@ -70,9 +76,9 @@ def test_stage_two_trains_only_the_fusion_and_saves_only_it(tmp_path: Path, stag
         saved = torch.load(path, weights_only=False)["state_dict"]
         for key, value in named.adapter_state_dict(module, task).items():
             assert torch.equal(value, saved[key]), key
-    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
-    assert set(saved) - {META_KEY} == trainable
-    assert saved[META_KEY]["config"]["method"] == "fusion"
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert set(checkpoint["state_dict"]) == trainable
+    assert checkpoint[META_KEY]["config"]["method"] == "fusion"
 
     module.eval()
     fusion_weights(module, reset=True)
@@ -84,10 +90,14 @@ def test_stage_two_trains_only_the_fusion_and_saves_only_it(tmp_path: Path, stag
     assert png.stat().st_size > 1000
 
 
-def test_stage_two_resume_equals_an_uninterrupted_run(tmp_path: Path, stage1: dict[str, str]) -> None:
+def test_stage_two_resume_equals_an_uninterrupted_run(
+    tmp_path: Path, stage1: dict[str, str], assert_resumed_from: ResumedFrom
+) -> None:
     full = _stage2(tmp_path / "a", stage1, epochs=2)
     _stage2(tmp_path / "b", stage1, epochs=1)
-    resumed = _stage2(tmp_path / "b", stage1, epochs=2, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    path = tmp_path / "b" / "ckpt" / "last.ckpt"
+    probe = assert_resumed_from(path, global_step=6, epoch=1, batch=0)  # 6 batches per epoch
+    resumed = _stage2(tmp_path / "b", stage1, epochs=2, ckpt_path=str(path), probe=probe)
     a, b = lp.trainable_state_dict(full), lp.trainable_state_dict(resumed)
     assert a.keys() == b.keys() and any(isinstance(m, AdapterFusion) for m in resumed.modules())
     for k in a:

@@ -13,6 +13,7 @@ import lightning_peft as lp
 from lightning_peft.callbacks import PEFT, AdapterCheckpointError
 from lightning_peft.callbacks.adapter_checkpoint import META_KEY
 from tests.lit_helpers import TinyClassifier, tiny_loader, trainer
+from tests.resume import ResumedFrom
 
 
 def lora(**kw) -> lp.LoRAConfig:
@@ -34,7 +35,8 @@ def test_checkpoints_hold_adapters_only(tmp_path: Path, weights_only: bool) -> N
     keys = set(saved["state_dict"]) - {META_KEY}
     assert keys == _adapter_keys(module)
     assert all("lora_" in k or k.startswith("classifier.") for k in keys)
-    assert saved["state_dict"][META_KEY]["config"]["method"] == "lora"
+    assert saved[META_KEY]["config"]["method"] == "lora"
+    assert all(isinstance(v, torch.Tensor) for v in saved["state_dict"].values()), "state_dict: tensors only"
     assert ("optimizer_states" in saved) is not weights_only
     # The user's own state_dict() stays complete.
     assert len(module.state_dict()) > len(keys)
@@ -57,18 +59,23 @@ def test_frozen_base_and_trained_adapters(tmp_path: Path, config: lp.TunerConfig
     assert changed == _adapter_keys(module)
 
 
-def _run(tmp_path: Path, epochs: int, ckpt_path: str | None = None) -> TinyClassifier:
+def _run(
+    tmp_path: Path, epochs: int, ckpt_path: str | None = None, probe: L.Callback | None = None
+) -> TinyClassifier:
     L.seed_everything(7)
     module = TinyClassifier()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-    trainer(tmp_path, [PEFT(lora()), ckpt], max_epochs=epochs).fit(module, tiny_loader(), ckpt_path=ckpt_path)
+    callbacks = [PEFT(lora()), ckpt, *([probe] if probe else [])]
+    trainer(tmp_path, callbacks, max_epochs=epochs).fit(module, tiny_loader(), ckpt_path=ckpt_path)
     return module
 
 
-def test_resume_equals_uninterrupted_run_bitwise(tmp_path: Path) -> None:
+def test_resume_equals_uninterrupted_run_bitwise(tmp_path: Path, assert_resumed_from: ResumedFrom) -> None:
     full = _run(tmp_path / "a", epochs=3)
     _run(tmp_path / "b", epochs=1)
-    resumed = _run(tmp_path / "b", epochs=3, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    path = tmp_path / "b" / "ckpt" / "last.ckpt"
+    probe = assert_resumed_from(path, global_step=6, epoch=1, batch=0)  # 6 batches per epoch
+    resumed = _run(tmp_path / "b", epochs=3, ckpt_path=str(path), probe=probe)
     a, b = lp.trainable_state_dict(full), lp.trainable_state_dict(resumed)
     assert a.keys() == b.keys()
     for k in a:

@@ -20,6 +20,7 @@ from lightning_peft.callbacks.adapter_checkpoint import META_KEY
 from lightning_peft.tuners.prefix import PrefixTuningConfig
 from tests.conftest import TINY_CONFIGS, VOCAB
 from tests.lit_helpers import trainer
+from tests.resume import ResumedFrom
 from tests.tuners.test_prefix_t5 import T5_ROUTES
 
 
@@ -53,18 +54,21 @@ def _config() -> PrefixTuningConfig:
     return PrefixTuningConfig(num_virtual_tokens=3, projection=True, encoder_hidden_size=8)
 
 
-def _run(root: Path, epochs: int, ckpt_path: str | None = None) -> TinySeq2Seq:
+def _run(
+    root: Path, epochs: int, ckpt_path: str | None = None, probe: L.Callback | None = None
+) -> TinySeq2Seq:
     L.seed_everything(3)
     module = TinySeq2Seq()
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0)
-    trainer(root, [PEFT(_config(), check_gradients=True), ckpt], max_epochs=epochs).fit(
-        module, _loader(), ckpt_path=ckpt_path
-    )
+    callbacks = [PEFT(_config(), check_gradients=True), ckpt, *([probe] if probe else [])]
+    trainer(root, callbacks, max_epochs=epochs).fit(module, _loader(), ckpt_path=ckpt_path)
     return module
 
 
 @pytest.mark.skipif(not T5_ROUTES, reason="this transformers runs T5 attention inline")
-def test_t5_prefix_trains_saves_prefixes_only_and_resumes_exactly(tmp_path: Path) -> None:
+def test_t5_prefix_trains_saves_prefixes_only_and_resumes_exactly(
+    tmp_path: Path, assert_resumed_from: ResumedFrom
+) -> None:
     full = _run(tmp_path / "a", epochs=2)
     base = TinySeq2Seq()
     trainable = set(lp.trainable_state_dict(full))
@@ -77,7 +81,9 @@ def test_t5_prefix_trains_saves_prefixes_only_and_resumes_exactly(tmp_path: Path
     _run(tmp_path / "b", epochs=1)
     saved = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=False)
     assert set(saved["state_dict"]) - {META_KEY} == trainable
-    resumed = _run(tmp_path / "b", epochs=2, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    path = tmp_path / "b" / "ckpt" / "last.ckpt"
+    probe = assert_resumed_from(path, global_step=4, epoch=1, batch=0)  # 4 batches per epoch
+    resumed = _run(tmp_path / "b", epochs=2, ckpt_path=str(path), probe=probe)
     a, b = lp.trainable_state_dict(full), lp.trainable_state_dict(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), k

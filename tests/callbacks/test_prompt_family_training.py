@@ -18,6 +18,7 @@ from lightning_peft.tuners.prompt import PromptTuningConfig
 from lightning_peft.tuners.ptuning import PTuningConfig
 from lightning_peft.tuners.unified import UnifiedConfig
 from tests.lit_helpers import TinyClassifier, tiny_loader, trainer
+from tests.resume import ResumedFrom
 
 CONFIGS = {
     "prompt": lambda: PromptTuningConfig(num_virtual_tokens=3, modules_to_save=["classifier"]),
@@ -51,20 +52,23 @@ class _Snapshot(L.Callback):
         self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
 
-def _run(root: Path, method: str, epochs: int, ckpt_path: str | None = None) -> TinyClassifier:
+def _run(
+    root: Path, method: str, epochs: int, ckpt_path: str | None = None, probe: L.Callback | None = None
+) -> TinyClassifier:
     L.seed_everything(7)
     module, snap = TinyClassifier(), _Snapshot()
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0)
     loader = tiny_loader(n=24)
-    trainer(root, [PEFT(CONFIGS[method]()), ckpt, snap], max_epochs=epochs).fit(
-        module, loader, ckpt_path=ckpt_path
-    )
+    callbacks = [PEFT(CONFIGS[method]()), ckpt, snap, *([probe] if probe else [])]
+    trainer(root, callbacks, max_epochs=epochs).fit(module, loader, ckpt_path=ckpt_path)
     module.snapshot = snap.before  # type: ignore[attr-defined]
     return module
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
-def test_adapter_only_checkpoint_and_exact_resume(tmp_path: Path, method: str) -> None:
+def test_adapter_only_checkpoint_and_exact_resume(
+    tmp_path: Path, method: str, assert_resumed_from: ResumedFrom
+) -> None:
     full = _run(tmp_path / "a", method, epochs=2)
     trainable = set(lp.trainable_state_dict(full))
     changed = {n for n, p in full.named_parameters() if not torch.equal(p, full.snapshot[n])}
@@ -73,8 +77,10 @@ def test_adapter_only_checkpoint_and_exact_resume(tmp_path: Path, method: str) -
     _run(tmp_path / "b", method, epochs=1)
     saved = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=False)
     assert set(saved["state_dict"]) - {META_KEY} == trainable
-    assert saved["state_dict"][META_KEY]["config"]["method"] == CONFIGS[method]().method
-    resumed = _run(tmp_path / "b", method, epochs=2, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert saved[META_KEY]["config"]["method"] == CONFIGS[method]().method
+    path = tmp_path / "b" / "ckpt" / "last.ckpt"
+    probe = assert_resumed_from(path, global_step=3, epoch=1, batch=0)  # 3 batches per epoch
+    resumed = _run(tmp_path / "b", method, epochs=2, ckpt_path=str(path), probe=probe)
     a, b = lp.trainable_state_dict(full), lp.trainable_state_dict(resumed)
     assert a.keys() == b.keys()
     for k in a:

@@ -9,7 +9,6 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 import lightning_peft as lp
-from lightning_peft import layouts
 from lightning_peft.attention import swap_attention
 from lightning_peft.layouts import (
     BLOCK_PARTS,
@@ -22,6 +21,7 @@ from lightning_peft.layouts import (
     register_layout,
     resolve_path,
 )
+from lightning_peft.layouts import base as layout_registry
 from lightning_peft.targeting import linear_types
 from lightning_peft.tuners.adapterdrop import set_adapter_drop
 from tests.conftest import VOCAB, perturb_trainable, unregistered_model
@@ -221,7 +221,9 @@ def test_a_user_registers_their_own_architecture_in_one_call(monkeypatch: pytest
         embeddings="decoder.embed_tokens",
         lora_targets=("q_proj", "v_proj"),
     )
-    monkeypatch.setitem(layouts._LAYOUTS, "opt", layout)  # register_layout("opt", layout), undone after
+    monkeypatch.setitem(
+        layout_registry._LAYOUTS, "opt", layout
+    )  # register_layout("opt", layout), undone after
     assert get_layout(model) is layout
     with pytest.raises(ValueError, match="registered already"):
         register_layout("opt", ModelLayout(family="x", stacks=(), embeddings="e", lora_targets=()))

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import lightning_peft as lp
 from lightning_peft.callbacks import PEFT
 from lightning_peft.tasks import TextClassificationData, TextClassifier
+from tests.resume import ResumedFrom
 
 TINY = {
     "model_type": "bert",
@@ -46,7 +47,9 @@ def _csv(path: Path, n: int, seed: int) -> Path:
     return path
 
 
-def _fit(root: Path, data_dir: Path, crash_at: int | None, ckpt_path: str | None) -> TextClassifier:
+def _fit(
+    root: Path, data_dir: Path, crash_at: int | None, ckpt_path: str | None, probe: L.Callback | None = None
+) -> TextClassifier:
     L.seed_everything(3)
     model = TextClassifier(config=TINY, learning_rate=1e-2, dropout=0.1)
     data = TextClassificationData(
@@ -64,6 +67,8 @@ def _fit(root: Path, data_dir: Path, crash_at: int | None, ckpt_path: str | None
     ]
     if crash_at is not None:
         callbacks.append(Crash(crash_at))
+    if probe is not None:
+        callbacks.append(probe)
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=14,
@@ -81,15 +86,19 @@ def _fit(root: Path, data_dir: Path, crash_at: int | None, ckpt_path: str | None
 
 
 @pytest.mark.parametrize("crash_at", [4, 10], ids=["epoch0", "epoch1"])
-def test_killed_mid_epoch_resumes_exactly(tmp_path: Path, crash_at: int) -> None:
+def test_killed_mid_epoch_resumes_exactly(
+    tmp_path: Path, crash_at: int, assert_resumed_from: ResumedFrom
+) -> None:
     _csv(tmp_path / "train.csv", 64, seed=0)  # 8 batches per epoch: both crashes are mid-epoch
     _csv(tmp_path / "val.csv", 16, seed=1)
     full = _fit(tmp_path / "full", tmp_path, None, None)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _fit(tmp_path / "run", tmp_path, crash_at, None)
-    saved = torch.load(tmp_path / "run/ckpt/last.ckpt", weights_only=False)
-    assert saved["global_step"] == crash_at - crash_at % 3 and saved["global_step"] % 8 != 0
-    resumed = _fit(tmp_path / "run", tmp_path, None, str(tmp_path / "run/ckpt/last.ckpt"))
+    path = tmp_path / "run/ckpt/last.ckpt"
+    step = crash_at - crash_at % 3  # checkpoints every 3 steps: 3 or 9, both mid-epoch
+    # The first resumed batch is the one after the checkpoint: epoch 0 batch 3, or epoch 1 batch 1.
+    probe = assert_resumed_from(path, global_step=step, epoch=step // 8, batch=step % 8)
+    resumed = _fit(tmp_path / "run", tmp_path, None, str(path), probe)
     a, b = lp.trainable_state_dict(full), lp.trainable_state_dict(resumed)
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -22,6 +22,7 @@ from lightning_peft.tuners.adapterdrop import (
 )
 from tests.conftest import first_output, model_inputs, perturb_trainable, tiny_model
 from tests.lit_helpers import TinyClassifier, tiny_loader, trainer
+from tests.resume import ResumedFrom
 
 
 def _three_layers(seed: int = 0) -> torch.nn.Module:
@@ -59,15 +60,17 @@ def test_specialized_drop_has_no_adapters_below_and_equals_explicit_layers() -> 
 
 
 def test_backward_stops_at_the_lowest_adapted_block() -> None:
-    # A trainable embedding below the adapters would normally get a gradient; AdapterDrop cuts it off.
-    config = dict(modules_to_save=["embeddings.word_embeddings"])
+    # A tensor below the adapters that requires grad (here set by hand after injection: as modules_to_save
+    # it is refused) would normally get a gradient; AdapterDrop cuts it off.
     model = _three_layers()
-    lp.inject(model, AdapterDropConfig(drop_layers=1, **config))
+    lp.inject(model, AdapterDropConfig(drop_layers=1))
+    model.embeddings.word_embeddings.weight.requires_grad_(True)
     first_output(model, model_inputs("bert")).sum().backward()
     assert model.embeddings.word_embeddings.weight.grad is None
     assert all(p.grad is not None for p in _adapter_params(model, 1).values())
     plain = _three_layers()
-    lp.inject(plain, lp.BottleneckConfig(layers=[1, 2], **config))
+    lp.inject(plain, lp.BottleneckConfig(layers=[1, 2]))
+    plain.embeddings.word_embeddings.weight.requires_grad_(True)
     first_output(plain, model_inputs("bert")).sum().backward()
     assert plain.embeddings.word_embeddings.weight.grad is not None
 
@@ -152,24 +155,58 @@ def test_dropping_more_layers_than_exist_is_refused() -> None:
         AdapterDropConfig(layers=[1])
 
 
-def _run(tmp_path: Path, epochs: int, ckpt_path: str | None = None) -> TinyClassifier:
+def _run(
+    tmp_path: Path, epochs: int, ckpt_path: str | None = None, probe: L.Callback | None = None
+) -> TinyClassifier:
     L.seed_everything(7)
     module = TinyClassifier()
     config = AdapterDropConfig(robust=True, seed=3, modules_to_save=["classifier"])
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-    trainer(tmp_path, [PEFT(config), ckpt], max_epochs=epochs).fit(module, tiny_loader(), ckpt_path=ckpt_path)
+    callbacks = [PEFT(config), ckpt, *([probe] if probe else [])]
+    trainer(tmp_path, callbacks, max_epochs=epochs).fit(module, tiny_loader(), ckpt_path=ckpt_path)
     return module
 
 
-def test_robust_trainer_run_resumes_exactly(tmp_path: Path) -> None:
+def test_robust_trainer_run_resumes_exactly(tmp_path: Path, assert_resumed_from: ResumedFrom) -> None:
     full = _run(tmp_path / "a", epochs=2)  # 6 batches per epoch
     _run(tmp_path / "b", epochs=1)
-    saved = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
+    path = tmp_path / "b" / "ckpt" / "last.ckpt"
+    saved = torch.load(path, weights_only=False)["state_dict"]
     assert saved["adapter_drop.step"].item() == 6  # PEFT injected into the whole LightningModule
-    resumed = _run(tmp_path / "b", epochs=2, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    # The probe also checks the restored drop-schedule step (a buffer in the checkpoint) before training.
+    probe = assert_resumed_from(path, global_step=6, epoch=1, batch=0)
+    resumed = _run(tmp_path / "b", epochs=2, ckpt_path=str(path), probe=probe)
     assert isinstance(resumed.adapter_drop, AdapterDropController)
     assert resumed.adapter_drop.step.item() == full.adapter_drop.step.item() == 12
     a, b = lp.trainable_state_dict(full), lp.trainable_state_dict(resumed)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("saved", ["embeddings.word_embeddings", "encoder.layer.0.output.dense"])
+def test_specialized_refuses_modules_to_save_below_the_cut(saved: str) -> None:
+    model = _three_layers()
+    with pytest.raises(
+        ValueError, match=r"modules_to_save \['" + saved.replace(".", r"\.") + r"'\] run before"
+    ):
+        lp.inject(model, AdapterDropConfig(drop_layers=1, modules_to_save=[saved]))
+    assert not any(isinstance(m, AdapterDropController) for m in model.modules())  # refused before injecting
+
+
+def test_modules_to_save_above_the_cut_train() -> None:
+    """A saved module in the lowest adapted block or after the encoder is accepted and gets a gradient."""
+    model = _three_layers()
+    saved = ["encoder.layer.1.output.dense", "pooler.dense"]
+    lp.inject(model, AdapterDropConfig(drop_layers=1, modules_to_save=saved))
+    model.train()
+    model(**model_inputs("bert")).pooler_output.sum().backward()
+    for name in saved:
+        assert model.get_submodule(name).weight.grad.abs().sum() > 0, name
+
+
+def test_robust_warns_about_modules_to_save_a_draw_can_cut_off() -> None:
+    with pytest.warns(UserWarning, match=r"only train in batches whose drawn n"):
+        lp.inject(
+            _three_layers(), AdapterDropConfig(robust=True, modules_to_save=["encoder.layer.0.output.dense"])
+        )

@@ -25,6 +25,7 @@ from lightning_peft.tuners.kadapter import (
 )
 from tests.conftest import model_inputs, perturb_trainable, tiny_model
 from tests.lit_helpers import TinyClassifier, tiny_loader, trainer
+from tests.resume import ResumedFrom
 
 H = 32
 
@@ -225,28 +226,35 @@ def _two_kadapters() -> _TwoKAdapterClassifier:
     return module
 
 
-def _fit_two(root: Path, epochs: int, ckpt_path: str | None = None) -> _TwoKAdapterClassifier:
+def _fit_two(
+    root: Path, epochs: int, ckpt_path: str | None = None, probe: L.Callback | None = None
+) -> _TwoKAdapterClassifier:
     """Train "ling" (and the head) for ``epochs``; a resumed run starts from a fresh module that has
     only what PEFT(FACT) injects, so the second adapter must come from the checkpoint."""
     L.seed_everything(7)
     module = _TwoKAdapterClassifier() if ckpt_path else _two_kadapters()
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0)
-    trainer(root, [PEFT(FACT), ckpt], max_epochs=epochs).fit(module, tiny_loader(), ckpt_path=ckpt_path)
+    callbacks = [PEFT(FACT), ckpt, *([probe] if probe else [])]
+    trainer(root, callbacks, max_epochs=epochs).fit(module, tiny_loader(), ckpt_path=ckpt_path)
     return module
 
 
-def test_peft_callback_restores_every_kadapter_and_resumes_bitwise(tmp_path: Path) -> None:
+def test_peft_callback_restores_every_kadapter_and_resumes_bitwise(
+    tmp_path: Path, assert_resumed_from: ResumedFrom
+) -> None:
     full = _fit_two(tmp_path / "a", epochs=3)
     first = _fit_two(tmp_path / "b", epochs=1)
     path = tmp_path / "b" / "ckpt" / "last.ckpt"
-    saved = torch.load(path, weights_only=False)["state_dict"]
-    record = saved[META_KEY]["records"][0]  # one record per tuner member: K-Adapter is the only one
+    checkpoint = torch.load(path, weights_only=False)
+    saved = checkpoint["state_dict"]
+    record = checkpoint[META_KEY]["records"][0]  # one record per tuner member: K-Adapter is the only one
     assert [d["name"] for d in record["adapters"]] == ["fact", "ling"] and record["trainable"] == "ling"
     frozen = {k for k in saved if ".kadapters.adapters.fact." in k}
     assert frozen, "the frozen knowledge adapter is trained state: the checkpoint keeps it"
     assert all(torch.equal(saved[k], first.state_dict()[k]) for k in frozen)
 
-    resumed = _fit_two(tmp_path / "b", epochs=3, ckpt_path=str(path))
+    probe = assert_resumed_from(path, global_step=6, epoch=1, batch=0)  # 6 batches per epoch
+    resumed = _fit_two(tmp_path / "b", epochs=3, ckpt_path=str(path), probe=probe)
     assert list_kadapters(resumed) == ["fact", "ling"]
     assert _trainable_names(resumed) == _trainable_names(full)
     assert all(".adapters.ling." in n or n.startswith("classifier.") for n in _trainable_names(resumed))

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 import lightning_peft as lp
-from lightning_peft.config import TunerConfig, available_tuners, get_tuner_config
+from lightning_peft.config import TunerConfig, available_tuners
 from lightning_peft.tuners.bitfit import record_original_biases
 from lightning_peft.tuners.lora import LoRALinear
 from tests.conftest import (
@@ -40,8 +40,11 @@ from tests.conftest import (
     routes_through_interface,
     tiny_model,
 )
+from tests.tuners.test_contract import default_config
 
-METHODS = available_tuners()
+# Early exit adds heads beside the forward (the model's outputs never change): its own battery is
+# tests/early_exit and tests/tuners/test_early_exit.py.
+METHODS = [m for m in available_tuners() if m != "early_exit"]
 #: Non-default settings with an init of their own, checked like the registry's defaults.
 VARIANTS: dict[str, Callable[[], TunerConfig]] = {
     "lora-gaussian": lambda: lp.LoRAConfig(init="gaussian"),
@@ -66,7 +69,7 @@ VARIANTS: dict[str, Callable[[], TunerConfig]] = {
     "ptuning-lstm": lambda: lp.PTuningConfig(encoder="lstm"),
 }
 CASES: dict[str, Callable[[], TunerConfig]] = {
-    **{method: get_tuner_config(method) for method in METHODS},
+    **{method: (lambda method=method: default_config(method)) for method in METHODS},
     **VARIANTS,
 }
 CPU = torch.device("cpu")

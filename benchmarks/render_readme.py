@@ -1,0 +1,328 @@
+"""Keep the README's numbers equal to the JSON the benchmarks wrote.
+
+Two kinds of README content come from ``benchmarks/results/*.json``:
+
+* generated regions, between ``<!-- generated: NAME -->`` and ``<!-- end generated: NAME -->``: the
+  attention scaling table and the training-step table, rewritten from the JSON by this script;
+* figures in prose: each entry of :data:`FIGURES` formats a value of a JSON file the way the README writes
+  it, and that text must occur in the README.
+
+``tests/benchmarks/test_readme_numbers.py`` runs :func:`problems`, so a re-measurement that changes a
+number fails the tests until the README says the new number (run this script, or edit the prose).
+
+Run::
+
+    .venv/bin/python benchmarks/render_readme.py            # rewrite the generated regions
+    .venv/bin/python benchmarks/render_readme.py --check    # list stale regions and figures; exit 1 if any
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+
+Json = dict[str, Any]
+
+
+def load(name: str) -> Json:
+    return json.loads((RESULTS / name).read_text())
+
+
+# -- generated tables ----------------------------------------------------------------------------------
+def _length(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def _attention_cell(r: Json | None, base: Json | None, is_base: bool, first_failure: bool) -> str:
+    if r is None:  # older JSON records a failure only in the summary: the first length it lacks failed
+        return "**failed**" if first_failure else "not run"
+    if "failed" in r:
+        return "**failed**"
+    mem = f"{r['peak_mb']:.0f} MB{'*' if r.get('lower_bound') else ''}"
+    if "median_ms" not in r:
+        return f"not timed, {mem}"
+    if is_base or base is None or "median_ms" not in base:
+        return f"{r['median_ms'] / 1e3:.2f} s, {mem}"
+    return f"{base['median_ms'] / r['median_ms']:.1f}x, {mem}"
+
+
+def attention_table(data: Json) -> str:
+    """Every method and length of ``attention_scaling.json``: time (fused SDPA) or speed-up over it, peak
+    memory of the call, failures; the crossover length and the memory exponent."""
+    lengths = data["lengths"]
+    results, summary = data["results"], data["summary"]
+    low, high = data.get("exponent_range", [lengths[0], lengths[-1]])
+    head = [
+        "method",
+        *[_length(n) for n in lengths],
+        "faster than SDPA from",
+        f"memory exponent {_length(low)}-",
+    ]
+    head[-1] += _length(min(high, lengths[-1]))
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, per_n in results.items():
+        base, s = results["fused_sdpa"], summary[method]
+        missing = [n for n in lengths if str(n) not in per_n]
+        cells = [
+            _attention_cell(
+                per_n.get(str(n)), base.get(str(n)), method == "fused_sdpa", s["failed"] and n == missing[0]
+            )
+            for n in lengths
+        ]
+        cross = (
+            "-" if method == "fused_sdpa" else (_length(s["crossover_n"]) if s["crossover_n"] else "never")
+        )
+        exp = "-" if s["memory_exponent"] is None else f"{s['memory_exponent']:.2f}"
+        lines.append("| " + " | ".join([f"`{method}`", *cells, cross, exp]) + " |")
+    return "\n".join(lines)
+
+
+def _paired(num: list[float], den: list[float]) -> dict[str, float]:
+    """Median and quartiles of the per-round ratios ``num[i] / den[i]`` (as ``common.paired_ratio``)."""
+    ratios = sorted(a / b for a, b in zip(num, den, strict=True))
+    q = statistics.quantiles(ratios, n=4)
+    return {"median": statistics.median(ratios), "q1": q[0], "q3": q[2]}
+
+
+def _verdict(r: dict[str, float], target: float) -> str:
+    return "met" if r["q3"] <= target else ("missed" if r["q1"] > target else "within noise")
+
+
+def train_step_table(data: Json) -> str:
+    """Every method of ``train_step.json``: median and IQR of the step, the per-round ratio to full
+    fine-tuning with its quartiles (computed from the rounds' samples: both steps of a round ran back to
+    back), trainable parameters; then each target with its verdict (met only if the whole IQR is)."""
+    res = data["results"]
+    lines = [
+        "| method | median step | IQR | / full fine-tuning: per-round median (IQR) | trainable |",
+        "|---|---|---|---|---|",
+    ]
+    for method, r in res.items():
+        vs = "1.00x"
+        if method != "full":
+            p = _paired(r["samples_ms"], res["full"]["samples_ms"])
+            vs = f"{p['median']:.2f}x ({p['q1']:.2f}-{p['q3']:.2f})"
+        row = [NAMES.get(method, method), f"{r['median_ms']:.0f} ms", f"{r['iqr_ms']:.0f} ms", vs]
+        lines.append("| " + " | ".join([*row, f"{r['trainable_params']:,}"]) + " |")
+    lines.append("")
+    for name, (num, den, target) in TARGETS.items():
+        p = _paired(res[num]["samples_ms"], res[den]["samples_ms"])
+        lines.append(
+            f"- {name} <= {target}x: {p['median']:.3f}x per round, IQR {p['q1']:.3f}-{p['q3']:.3f}: "
+            f"**{_verdict(p, target)}**"
+        )
+    return "\n".join(lines)
+
+
+NAMES = {
+    "full": "full fine-tuning",
+    "lora": "lightning-peft LoRA r=8 q,v",
+    "peft_lora": "HF peft LoRA, same config",
+    "houlsby": "Houlsby rf 16",
+    "pfeiffer": "Pfeiffer rf 16",
+    "bitfit": "BitFit",
+}
+# The training-step targets (benchmarks/train_step.py): name -> (method, reference, ratio target).
+TARGETS = {
+    "our LoRA / peft's LoRA": ("lora", "peft_lora", 1.0),
+    "our LoRA / full fine-tuning": ("lora", "full", 0.75),
+}
+
+REGIONS: dict[str, tuple[str, Callable[[Json], str]]] = {
+    "attention-table": ("attention_scaling.json", attention_table),
+    "attention-competitors-table": ("attention_competitors.json", attention_table),
+    "train-step-table": ("train_step.json", train_step_table),
+}
+
+
+# -- figures in prose ----------------------------------------------------------------------------------
+def _pct(x: float) -> str:
+    return f"{x:.1%}"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _demo(d: Json) -> list[str]:
+    lora, full, probe = (d["results"][k] for k in ("lora", "full_finetuning", "logistic_regression"))
+    return [
+        f"{lora['trainable_params']:,} / {lora['total_params']:,} "
+        f"({lora['trainable_params'] / lora['total_params']:.3%})",
+        f"{_pct(lora['before']['accuracy'])} -> **{_pct(lora['after']['accuracy'])}** "
+        f"(macro F1 {lora['before']['macro_f1']:.3f} -> {lora['after']['macro_f1']:.3f})",
+        f"frozen MiniLM embeddings | {_pct(probe['after']['accuracy'])}",
+        f"full fine-tuning (lr {full['learning_rate']:g}, {full['epochs']} epochs) | "
+        f"{_pct(full['after']['accuracy'])}",
+    ]
+
+
+def _ddp(d: Json) -> list[str]:
+    if "rounds" not in d:  # a run of the earlier protocol: one run per set-up, one after the other
+        steps = len(d["results"]["single"]["samples_ms"])
+        order = "the two set-ups ran one after the other"
+        return [f"{d['ddp_vs_single']:.2f}x ({steps} timed steps per set-up; {order})"]
+    iqr, rounds = d["ddp_vs_single_iqr"], d["rounds"]
+    return [f"{d['ddp_vs_single']:.2f}x (per-round IQR {iqr:.2f}, {rounds} alternating rounds)"]
+
+
+def _prompt_family(d: Json) -> list[str]:
+    r = d["results"]
+    names = {"prefix": "prefix tuning", "prompt": "prompt tuning", "ptuning": "P-tuning", "lora": "LoRA"}
+    figures = [f"{label} {r[f'ours_{key}']['vs_peft']:.2f}x" for key, label in names.items()]
+    return [*figures, f"{d['folded_prefix_inference']['folded_vs_base']:.2f}x the base"]
+
+
+def _prompt_only(d: Json) -> list[str]:
+    r = d["results"]
+    return [
+        f"{r['ours_prompt']['vs_peft']:.2f}x, IQR {r['ours_prompt']['iqr_ms']:.0f} ms on a "
+        f"{r['ours_prompt']['median_ms'] / 1e3:.1f} s step"
+    ]
+
+
+def _ops(d: Json) -> list[str]:
+    out = []
+    for method in ("ours_prompt", "ours_lora"):
+        c = d["operator_counts"][method]
+        more = ", ".join(f"`{op.removeprefix('aten::')}` {a} vs {b}" for op, (a, b) in c["ours_more"].items())
+        out += [f"{c['ours_total']:,} vs {c['peft_total']:,} ATen ops", more or "none more often"]
+    return out
+
+
+def _adapterdrop(d: Json) -> list[str]:
+    t = d["targets"]["faster_with_lowest_5_dropped"]
+    r = d["results"]
+    return [
+        f"{t['value']:.1%} more steps per second (step time -{t['step_time_saved']:.1%})",
+        f"{r['adapterdrop_lowest_5']['trainable_params']:,} vs {r['houlsby_all_12']['trainable_params']:,}",
+    ]
+
+
+def _fsdp2(d: Json) -> list[str]:
+    out = []
+    for method in ("full", "lora"):
+        r = d["results"][method]["ranks"][0]
+        parts = [r["param_bytes"], r["grad_bytes"], r["optimizer_bytes"]]
+        total = d["results"][method]["per_rank_total_bytes"]
+        out.append(" + ".join(f"{p / 2**20:.2f}" for p in parts) + f" = {total / 2**20:.1f} MiB")
+    return [*out, f"(**{d['lora_vs_full_per_rank']:.3f}x**)"]
+
+
+def _checkpoint(d: Json) -> list[str]:
+    r = d["results"]
+    return [
+        f"{r['lora']['bytes'] / 2**20:.2f} MiB vs {r['full']['bytes'] / 2**20:.1f} MiB",
+        f"**{r['lora']['vs_full']:.2%}**",
+    ]
+
+
+def _injection(d: Json) -> list[str]:
+    r = d["results"]
+    return [
+        f"{r['lightning_peft']['median_ms']:.0f} ms vs peft's {r['peft']['median_ms']:.0f} ms "
+        f"({r['lightning_peft']['vs_peft']:.2f}x)"
+    ]
+
+
+def _inference(d: Json) -> list[str]:
+    r = d["results"]
+    return [
+        f"merged LoRA / base {r['lora_merged']['vs_base']:.3f}x",
+        f"unmerged LoRA / base {r['lora_unmerged']['vs_base']:.3f}x",
+        f"peft unmerged / base {r['peft_unmerged']['vs_base']:.3f}x",
+        f"differ by {d['merged_vs_unmerged_max_abs_diff']:.1e}",
+    ]
+
+
+def _adapterhub(d: Json) -> list[str]:
+    return [f"{name} {count:,}" for name, count in d["trainable"].items()]
+
+
+def _attention(d: Json) -> list[str]:
+    parity = d.get("parity") or {}
+    diff = parity.get("max_abs_diff_sliding_window_vs_local_attention")
+    return [] if diff is None else [f"differ by at most {diff:.0e}"]
+
+
+FIGURES: dict[str, Callable[[Json], list[str]]] = {
+    "ddp_step.json": _ddp,
+    "prompt_family.json": _prompt_family,
+    "prompt_family_prompt.json": _prompt_only,
+    "prompt_family_ops.json": _ops,
+    "adapterdrop.json": _adapterdrop,
+    "fsdp2_memory.json": _fsdp2,
+    "checkpoint_size.json": _checkpoint,
+    "injection.json": _injection,
+    "inference.json": _inference,
+    "adapterhub_counts.json": _adapterhub,
+    "attention_competitors.json": _attention,
+}
+
+
+# -- checking and rewriting ----------------------------------------------------------------------------
+def _region(name: str) -> re.Pattern[str]:
+    return re.compile(rf"<!-- generated: {name} -->\n(.*?)\n?<!-- end generated: {name} -->", re.S)
+
+
+def render(text: str) -> str:
+    """``text`` with every generated region rewritten from its JSON (regions whose JSON is absent stay)."""
+    for name, (source, fn) in REGIONS.items():
+        pattern = _region(name)
+        if not pattern.search(text):
+            raise ValueError(f"README has no generated region {name!r}")
+        if not (RESULTS / source).exists():
+            continue
+        block = f"<!-- generated: {name} -->\n{fn(load(source))}\n<!-- end generated: {name} -->"
+        text = pattern.sub(lambda _m, block=block: block, text)
+    return text
+
+
+def problems(text: str) -> list[str]:
+    """What in ``text`` (the README) disagrees with the JSON: stale regions and missing figures (figures
+    are matched with line breaks and runs of spaces read as one space)."""
+    found = []
+    flat = " ".join(text.split())
+    for name, (source, fn) in REGIONS.items():
+        match = _region(name).search(text)
+        if not (RESULTS / source).exists():
+            found.append(f"region {name}: no {source}")
+        elif match is None:
+            found.append(f"region {name}: markers missing")
+        elif match.group(1) != fn(load(source)):
+            found.append(f"region {name}: differs from {source} (run benchmarks/render_readme.py)")
+    for source, fn in FIGURES.items():
+        if not (RESULTS / source).exists():
+            found.append(f"{source}: no such result")
+            continue
+        missing = [f for f in fn(load(source)) if " ".join(f.split()) not in flat]
+        found += [f"{source}: README lacks {figure!r}" for figure in missing]
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="only report stale regions and figures")
+    args = ap.parse_args(argv)
+    text = README.read_text()
+    if not args.check:
+        text = render(text)
+        README.write_text(text)
+    stale = problems(text)
+    for line in stale:
+        print(line)
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
