@@ -2,8 +2,13 @@
 
 Tensor layout (the same as :func:`torch.nn.functional.scaled_dot_product_attention`):
 
-* ``q``: ``(B, H, Tq, D)``; ``k``, ``v``: ``(B, H, Tk, D)``. ``Tk == Tq + num_prefix``: the first
-  ``num_prefix`` keys/values are prefix-tuning keys (Li & Liang 2021) that every query may see.
+* ``q``: ``(B, H, Tq, D)``; ``k``, ``v``: ``(B, H, Tk, D)`` with ``Tk == num_prefix + num_cached + Tq``, in
+  that order: ``num_prefix`` prefix-tuning keys (Li & Liang 2021) that every query may see and that have no
+  position, then ``num_cached`` keys of earlier tokens from a KV cache (decoding), then the keys of the
+  queries' own tokens. Sequence positions: key ``num_prefix + j`` is token ``j``; query ``i`` is token
+  ``num_cached + i`` (the queries are the last ``Tq`` tokens of the cached + new sequence), so a cached
+  decoding step returns what the full forward returns at those positions. Only variants with
+  ``capabilities.kv_cache`` take ``num_cached > 0``; the others refuse it.
 * ``key_padding_mask``: ``(B, Tk)`` bool, ``True`` for a real token, ``False`` for padding. This compact
   2-D mask is what the variants take; nothing here ever builds a dense ``(B, 1, Tq, Tk)`` mask for them.
 * ``global_mask``: ``(B, Tq)`` bool, ``True`` for tokens that attend to and are attended from every
@@ -46,6 +51,8 @@ class Capabilities:
         max_length: has parameters along the sequence axis, so it needs a fixed maximum length.
         prefix_keys: accepts ``num_prefix > 0`` extra keys from prefix tuning.
         exact_limit: has a setting at which it equals dense softmax attention (window >= n, ...).
+        kv_cache: accepts ``num_cached > 0`` keys from a KV cache (decoding) and then returns, for its
+            ``Tq`` queries, what it returns at those positions over the whole sequence at once.
     """
 
     causal: bool = False
@@ -54,6 +61,7 @@ class Capabilities:
     max_length: bool = False
     prefix_keys: bool = False
     exact_limit: bool = False
+    kv_cache: bool = False
 
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
@@ -133,8 +141,9 @@ class AttentionVariant(nn.Module):
         scale: float | None = None,
         num_prefix: int = 0,
         global_mask: Tensor | None = None,
+        num_cached: int = 0,
     ) -> Tensor:
-        self._check(q, k, v, key_padding_mask, causal, num_prefix, global_mask)
+        self._check(q, k, v, key_padding_mask, causal, num_prefix, global_mask, num_cached)
         return self.attend(
             q,
             k,
@@ -144,6 +153,7 @@ class AttentionVariant(nn.Module):
             scale=q.shape[-1] ** -0.5 if scale is None else scale,
             num_prefix=num_prefix,
             global_mask=global_mask,
+            num_cached=num_cached,
         )
 
     def attend(
@@ -157,6 +167,7 @@ class AttentionVariant(nn.Module):
         scale: float,
         num_prefix: int,
         global_mask: Tensor | None,
+        num_cached: int,
     ) -> Tensor:
         raise NotImplementedError
 
@@ -169,6 +180,7 @@ class AttentionVariant(nn.Module):
         causal: bool,
         num_prefix: int,
         global_mask: Tensor | None,
+        num_cached: int = 0,
     ) -> None:
         caps = self.capabilities
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -183,10 +195,17 @@ class AttentionVariant(nn.Module):
             )
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"{self.name}: head dim {q.shape[-1]} != the {self.head_dim} it was built for")
-        if k.shape[2] != q.shape[2] + num_prefix:
+        if num_prefix < 0 or num_cached < 0 or k.shape[2] != num_prefix + num_cached + q.shape[2]:
             raise ValueError(
-                f"{self.name}: expected Tk = Tq + num_prefix = {q.shape[2]} + {num_prefix}, "
-                f"got Tk = {k.shape[2]}"
+                f"{self.name}: expected Tk = num_prefix + num_cached + Tq = {num_prefix} + {num_cached} + "
+                f"{q.shape[2]}, got Tk = {k.shape[2]}"
+            )
+        if num_cached and not caps.kv_cache:
+            raise ValueError(
+                f"attention variant {self.name!r} cannot attend over a KV cache ({num_cached} cached keys): "
+                "run the model without one (generate(..., use_cache=False), or use_cache=False in the "
+                f"forward), or swap in a variant that can "
+                f"({', '.join(n for n in available_attention() if _caps(n).kv_cache)})"
             )
         if causal and not caps.causal:
             raise ValueError(
@@ -207,9 +226,10 @@ class AttentionVariant(nn.Module):
                 f"{self.name}: key_padding_mask must be bool (B, Tk) = ({k.shape[0]}, {k.shape[2]}), "
                 f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
             )
-        if self.max_length is not None and caps.max_length and q.shape[2] > self.max_length:
+        if self.max_length is not None and caps.max_length and num_cached + q.shape[2] > self.max_length:
             raise ValueError(
-                f"{self.name}: sequence length {q.shape[2]} exceeds max_length={self.max_length}; "
+                f"{self.name}: sequence length {num_cached + q.shape[2]} exceeds "
+                f"max_length={self.max_length}; "
                 "rebuild the variant with a larger max_length or truncate the input"
             )
 

@@ -161,6 +161,7 @@ class BigBirdAttention(AttentionVariant):
         scale: float,
         num_prefix: int,
         global_mask: Tensor | None,
+        num_cached: int,
     ) -> Tensor:
         B, T = q.shape[0], q.shape[2]
         P, bs = num_prefix, self.block_size

@@ -9,8 +9,9 @@ costs O(n * D^2). Padded keys have their FEATURES zeroed, so they are in neither
 normaliser (letting them into the normaliser is flash-linear-attention #1263). The causal form runs
 over chunks of ``chunk_size`` positions: inside a chunk a small masked ``(C, C)`` product, across chunks a
 running ``(D, D)`` state; no ``(n, D, D)`` tensor of per-position states is ever built. Prefix keys start
-the state, so every query sees them. The score ``scale`` does not apply (the feature map has none); it is
-accepted and ignored.
+the state, so every query sees them; so do the keys of a KV cache (decoding), which are all in the queries'
+past: a cached step gives what the full causal forward gives at those positions. The score ``scale`` does
+not apply (the feature map has none); it is accepted and ignored.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class LinearAttention(AttentionVariant):
         out = attn(q, k, v, key_padding_mask=mask, causal=True)  # (B, H, T, D)
     """
 
-    capabilities = Capabilities(causal=True, padding_mask=True, prefix_keys=True)
+    capabilities = Capabilities(causal=True, padding_mask=True, prefix_keys=True, kv_cache=True)
 
     def __init__(
         self,
@@ -102,6 +103,7 @@ class LinearAttention(AttentionVariant):
         scale: float,
         num_prefix: int,
         global_mask: Tensor | None,
+        num_cached: int,
     ) -> Tensor:
         dtype = q.dtype
         compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -111,7 +113,9 @@ class LinearAttention(AttentionVariant):
             phi_k = phi_k * key_padding_mask[:, None, :, None]  # padded keys: out of numerator and normaliser
         v = v.to(compute)
         if causal:
-            out = causal_linear_attention(phi_q, phi_k, v, self.chunk_size, self.eps, num_prefix)
+            # Prefix and cached keys come before every query: both start the running state.
+            leading = num_prefix + num_cached
+            out = causal_linear_attention(phi_q, phi_k, v, self.chunk_size, self.eps, leading)
         else:
             out = linear_attention(phi_q, phi_k, v, self.eps)
         return out.to(dtype)  # (B, H, T, D)

@@ -94,6 +94,7 @@ class LinformerAttention(AttentionVariant):
         scale: float,
         num_prefix: int,
         global_mask: Tensor | None,
+        num_cached: int,
     ) -> Tensor:
         n = k.shape[2]
         if key_padding_mask is not None:

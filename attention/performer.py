@@ -13,7 +13,9 @@ masking ``v`` instead would leave them in the normaliser.
 
 Random features: ``projection`` is a buffer, redrawn every ``redraw_interval`` training forwards from
 ``Generator(seed + redraw index)``, so runs are reproducible; it never changes in eval. Causal attention runs
-over chunks with a running ``(m, D)`` state: no ``(n, m, D)`` tensor exists.
+over chunks with a running ``(m, D)`` state: no ``(n, m, D)`` tensor exists. Prefix keys and the keys of a KV
+cache (decoding) start that state, as every query sees them: a cached step gives what the full causal
+forward gives at those positions (the stabilisers cancel either way).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class PerformerAttention(AttentionVariant):
         out = attn(q, k, v, key_padding_mask=mask)  # (B, H, T, D)
     """
 
-    capabilities = Capabilities(causal=True, padding_mask=True, prefix_keys=True)
+    capabilities = Capabilities(causal=True, padding_mask=True, prefix_keys=True, kv_cache=True)
 
     def __init__(
         self,
@@ -111,6 +113,7 @@ class PerformerAttention(AttentionVariant):
         scale: float,
         num_prefix: int,
         global_mask: Tensor | None,
+        num_cached: int,
     ) -> Tensor:
         if self.training:
             if self.redraw_interval and int(self.steps) > 0 and int(self.steps) % self.redraw_interval == 0:
@@ -125,7 +128,7 @@ class PerformerAttention(AttentionVariant):
             log_k = log_k.masked_fill(~keep, torch.finfo(torch.float32).min)  # out of the maxima below
         vf = v.float()
         if causal:
-            out = self._causal(phi_q, log_k, vf, num_prefix, keep)
+            out = self._causal(phi_q, log_k, vf, num_prefix + num_cached, keep)  # both seen by every query
         else:
             phi_k = torch.exp(log_k - log_k.detach().amax((-1, -2), keepdim=True))  # (B, H, Tk, m)
             phi_k = phi_k if keep is None else phi_k * keep  # padding on the key FEATURES

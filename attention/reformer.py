@@ -26,6 +26,10 @@ not wrap around to the last (the paper's look-back is circular), so the real tok
 chunks, and therefore their outputs do not depend on how much padding follows. At ``bucket_size >= T``
 there is a single chunk and the result is exact softmax attention over the shared-QK keys, without self;
 with ``n_buckets=1`` (no hashing) the same holds for causal attention.
+
+KV cache: refused (``capabilities.kv_cache`` is False). The keys are the earlier tokens' normalised queries,
+which a KV cache does not keep, and the hashing sorts the whole sequence at once; decode with
+``use_cache=False``.
 """
 
 from __future__ import annotations
@@ -116,6 +120,7 @@ class ReformerAttention(AttentionVariant):
         scale: float,
         num_prefix: int,
         global_mask: Tensor | None,
+        num_cached: int,
     ) -> Tensor:
         B, H, T, D = q.shape
         R, c = self.n_hashes, self.bucket_size

@@ -8,7 +8,8 @@ fused kernel path cannot hide a bug in a variant.
 Conventions shared with every variant (see :mod:`lightning_peft.attention.base`):
 
 * the first ``num_prefix`` keys are prefix-tuning keys: every query sees them, causal or not;
-* with ``causal=True`` query ``i`` sees the real (non-prefix) keys ``0..i``;
+* with ``causal=True`` query ``i`` sees the real (non-prefix) keys ``0..num_cached + i`` (after
+  ``num_cached`` keys from a KV cache the queries are the last tokens of the sequence);
 * padded keys (``key_padding_mask`` False) get zero weight; a query with no visible key outputs zeros.
 """
 
@@ -32,6 +33,7 @@ def allowed_keys(
     causal: bool,
     num_prefix: int,
     device: torch.device,
+    num_cached: int = 0,
 ) -> Tensor | None:
     """Boolean ``(B or 1, 1, Tq or 1, Tk)`` mask of the keys each query may see, or ``None`` for all.
 
@@ -39,7 +41,7 @@ def allowed_keys(
     """
     mask: Tensor | None = None
     if causal:
-        qpos = torch.arange(tq, device=device)[:, None]  # (Tq, 1)
+        qpos = torch.arange(tq, device=device)[:, None] + num_cached  # (Tq, 1): the last Tq tokens
         kpos = torch.arange(tk, device=device)[None, :] - num_prefix  # (1, Tk); prefix keys are < 0
         mask = ((kpos <= qpos) | (kpos < 0))[None, None]  # (1, 1, Tq, Tk)
     if key_padding_mask is not None:
@@ -56,17 +58,19 @@ def dense_reference(
     causal: bool = False,
     scale: float | None = None,
     num_prefix: int = 0,
+    num_cached: int = 0,
 ) -> Tensor:
     """Explicit softmax attention, the oracle for every variant.
 
     Args:
         q: ``(B, H, Tq, D)`` queries.
-        k: ``(B, H, Tk, D)`` keys, ``Tk == Tq + num_prefix``.
+        k: ``(B, H, Tk, D)`` keys, ``Tk == num_prefix + num_cached + Tq``.
         v: ``(B, H, Tk, Dv)`` values.
         key_padding_mask: ``(B, Tk)`` bool, True for real keys.
-        causal: query ``i`` sees prefix keys and real keys ``<= i``.
+        causal: query ``i`` sees prefix keys and real keys ``<= num_cached + i``.
         scale: score scale, ``D ** -0.5`` by default.
         num_prefix: number of prefix-tuning keys at the front of ``k``/``v``.
+        num_cached: number of KV-cache keys after the prefix keys (the queries are the last tokens).
 
     Returns:
         ``(B, H, Tq, Dv)``; rows with no visible key are zero.
@@ -81,6 +85,7 @@ def dense_reference(
         causal=causal,
         num_prefix=num_prefix,
         device=q.device,
+        num_cached=num_cached,
     )
     if mask is None:
         return scores.softmax(-1) @ v
@@ -95,8 +100,8 @@ def dense_reference(
 class SDPAAttention(AttentionVariant):
     """Dense attention via PyTorch's fused kernels; O(n^2) compute, the fused kernels keep memory O(n).
 
-    Supports everything in the contract: causal, key padding, prefix keys, and global tokens (trivially:
-    in dense attention every token already attends to and from every other).
+    Supports everything in the contract: causal, key padding, prefix keys, KV-cache keys, and global tokens
+    (trivially: in dense attention every token already attends to and from every other).
 
     Example::
 
@@ -105,7 +110,7 @@ class SDPAAttention(AttentionVariant):
     """
 
     capabilities = Capabilities(
-        causal=True, padding_mask=True, global_tokens=True, prefix_keys=True, exact_limit=True
+        causal=True, padding_mask=True, global_tokens=True, prefix_keys=True, exact_limit=True, kv_cache=True
     )
 
     def __init__(self, *, num_heads: int, head_dim: int, max_length: int | None = None) -> None:
@@ -122,9 +127,11 @@ class SDPAAttention(AttentionVariant):
         scale: float,
         num_prefix: int,
         global_mask: Tensor | None,
+        num_cached: int,
     ) -> Tensor:
-        if key_padding_mask is None and (not causal or num_prefix == 0):
-            # No mask tensor at all: lets PyTorch pick its fused (flash) kernel.
+        if key_padding_mask is None and (not causal or num_prefix + num_cached == 0):
+            # No mask tensor at all: lets PyTorch pick its fused (flash) kernel. (Its is_causal is aligned
+            # top-left, so it only serves causal attention when Tk == Tq.)
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)  # (B, H, T, D)
         mask = allowed_keys(
             q.shape[0],
@@ -134,6 +141,7 @@ class SDPAAttention(AttentionVariant):
             causal=causal,
             num_prefix=num_prefix,
             device=q.device,
+            num_cached=num_cached,
         )
         assert mask is not None
         any_key = mask.any(-1, keepdim=True)  # (B|1, 1, Tq|1, 1)

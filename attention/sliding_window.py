@@ -7,6 +7,15 @@ half and the query itself remain. With dilation ``d`` (per head) the window keys
 ``|m| <= window // 2``. Global tokens (``global_mask``) attend to every key and every query attends to them;
 prefix-tuning keys are treated as global keys (every query sees them, they are never queries).
 
+KV cache (decoding): the ``num_cached`` keys of earlier tokens are sequence keys, not prefix keys: the
+queries are tokens ``num_cached ..`` and see the cached keys inside their window only. Only the last
+``max(dilation) * window // 2`` cached keys can be in a query's window; they are kept, the queries are put
+after them (with placeholder queries in front, whose outputs are dropped), and the usual banded attention
+runs on that short stretch: a decoding step costs O(dilation * window^2) however long the sequence is,
+and returns what the full forward returns at those positions. Global tokens cannot be combined with a
+cache (``global_mask`` covers the new tokens only, and a cached global token would have to have seen the
+future).
+
 Memory is O(n * window): nothing of size n x n exists, masks included. The sequence is cut into blocks
 of ``window // 2`` queries; each block attends to a band of three key blocks (its own and both neighbours)
 plus the global keys, in one batched call to PyTorch's fused SDPA kernel with a small per-block mask.
@@ -197,7 +206,7 @@ class SlidingWindowAttention(AttentionVariant):
     """
 
     capabilities = Capabilities(
-        causal=True, padding_mask=True, global_tokens=True, prefix_keys=True, exact_limit=True
+        causal=True, padding_mask=True, global_tokens=True, prefix_keys=True, exact_limit=True, kv_cache=True
     )
 
     def __init__(
@@ -237,6 +246,7 @@ class SlidingWindowAttention(AttentionVariant):
         scale: float,
         num_prefix: int,
         global_mask: Tensor | None,
+        num_cached: int,
     ) -> Tensor:
         B, H, T, _ = q.shape
         P = num_prefix
@@ -245,6 +255,13 @@ class SlidingWindowAttention(AttentionVariant):
             if key_padding_mask is None
             else key_padding_mask
         )
+        if num_cached:
+            if global_mask is not None:
+                raise ValueError(
+                    "sliding_window: global tokens (global_mask) cannot be combined with a KV cache; run the "
+                    "whole sequence at once (use_cache=False) or drop global_mask"
+                )
+            return self._with_cache(q, k, v, key_valid, causal, scale, P, num_cached)
         if global_mask is not None:
             if global_mask.shape != (B, T) or global_mask.dtype != torch.bool:
                 raise ValueError(
@@ -268,6 +285,44 @@ class SlidingWindowAttention(AttentionVariant):
                 q, k, v, out, gidx, gvalid, key_valid, causal=causal, scale=scale, num_prefix=P
             )
         return out  # (B, H, T, D)
+
+    def _with_cache(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        key_valid: Tensor,
+        causal: bool,
+        scale: float,
+        num_prefix: int,
+        num_cached: int,
+    ) -> Tensor:
+        """Queries at tokens ``num_cached ..``: attend on the stretch of keys their windows can reach.
+
+        The cached keys farther back than one window (times the largest dilation) are dropped; placeholder
+        queries stand in for the kept cached tokens, so the stretch is an ordinary sequence whose last ``Tq``
+        tokens are the queries. Relative offsets, and hence windows and dilation classes, are unchanged.
+        """
+        B, H, _, D = q.shape
+        P = num_prefix
+        keep = min(num_cached, max(self.dilation) * (self.window // 2))  # cached keys a window can reach
+        first = P + num_cached - keep  # index of the first kept cached key
+        ks = torch.cat([k[:, :, :P], k[:, :, first:]], dim=2)  # (B, H, P + keep + T, D)
+        vs = torch.cat([v[:, :, :P], v[:, :, first:]], dim=2)
+        valid = torch.cat([key_valid[:, :P], key_valid[:, first:]], dim=1)  # (B, P + keep + T)
+        qs = torch.cat([q.new_zeros(B, H, keep, D), q], dim=2)  # (B, H, keep + T, D): placeholders first
+        out = self.attend(
+            qs,
+            ks,
+            vs,
+            key_padding_mask=valid,
+            causal=causal,
+            scale=scale,
+            num_prefix=P,
+            global_mask=None,
+            num_cached=0,
+        )
+        return out[:, :, keep:]  # (B, H, T, D)
 
     def _dilated(
         self,

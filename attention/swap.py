@@ -25,8 +25,13 @@ Either way the q/k/v projections keep their names, so pretrained weights load an
 parameters (if it has any). Token mixers have no q/k/v: their swap drops the replaced projections.
 
 Not carried over: attention-probability dropout (the variants have none) and ``output_attentions`` (the
-weights are returned as ``None``). With a KV cache (generation) the cached keys reach the variant as
-prefix keys (``num_prefix = Tk - Tq``), which only variants with ``capabilities.prefix_keys`` accept.
+weights are returned as ``None``). With a KV cache (generation) the cached keys reach the variant as cached
+keys (``num_cached = Tk - Tq - num_prefix``, the queries being the last ``Tq`` tokens), never as prefix keys:
+windowed and synthesised variants place each query at its true position, so a cached decoding step returns
+what the full forward returns. Prefix tuning passes its ``num_prefix`` explicitly. Variants that cannot honour
+a cache (``capabilities.kv_cache`` False, e.g. Reformer, whose keys are the queries a cache does not keep)
+refuse it: generate with ``use_cache=False``. Pre-allocated (static) caches are refused too: the attention
+function cannot tell which of their slots the queries occupy; use the default dynamic cache.
 
 Checking transformers 4.57 (the module-replacement route) in a side environment, from the repository root::
 
@@ -136,7 +141,7 @@ def padding_mask_function(
     kv_offset: int = 0,
     mask_function: Any = None,
     attention_mask: Tensor | None = None,
-    **_: Any,
+    **kwargs: Any,
 ) -> Tensor | None:
     """``AttentionMaskInterface`` entry: the compact ``(B, kv_length)`` key-padding mask, or ``None``."""
     name = getattr(mask_function, "__name__", "")
@@ -146,6 +151,20 @@ def padding_mask_function(
             "for the "
             f"mask pattern {name or mask_function!r} (packed sequences, sliding or custom overlays); pass an "
             "explicit 2-D attention_mask instead of packing sequences"
+        )
+    q_offset, q_length = kwargs.get("q_offset"), kwargs.get("q_length")
+    static = (
+        isinstance(q_offset, int)
+        and isinstance(q_length, int)
+        and kv_offset + kv_length > q_offset + q_length
+    )
+    if name == "causal_mask_function" and static:
+        # Causal keys after the queries: slots of a pre-allocated cache not written yet. The variants place
+        # the queries at the last Tq keys, which here would be wrong (a windowed query sees empty slots).
+        raise NotImplementedError(
+            f"swapped attention ({INTERFACE_KEY!r}) cannot run on a pre-allocated (static) KV cache "
+            f"({kv_length} key slots for {q_offset + q_length} tokens); use the default dynamic cache "
+            "(generate(..., cache_implementation='dynamic') or no cache_implementation)"
         )
     if attention_mask is None:
         return None
@@ -183,9 +202,15 @@ def variant_attention(
     attention_mask: Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    *,
+    num_prefix: int = 0,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """``AttentionInterface`` entry: run the layer's ``attention_variant`` on ``(B, H, T, D)`` q/k/v.
+
+    ``key``/``value`` hold ``num_prefix`` prefix-tuning keys (given by the prefix-tuning wrapper, which
+    prepends them), then the KV cache's keys, then the queries' own: the queries are the last ``Tq`` tokens,
+    and the ``Tk - Tq - num_prefix`` keys before them reach the variant as ``num_cached`` keys.
 
     Returns ``(B, Tq, H, D)`` and no attention weights, as the interface expects.
     """
@@ -201,6 +226,13 @@ def variant_attention(
             query, key, value, attn_mask=None if padding is None else padding[:, None, None, :], scale=scale
         )
     else:
+        num_cached = key.shape[2] - query.shape[2] - num_prefix  # keys of earlier tokens, from a KV cache
+        if num_prefix < 0 or num_cached < 0:
+            raise ValueError(
+                f"swapped attention got {query.shape[2]} queries, {key.shape[2]} keys and "
+                f"num_prefix={num_prefix}: the keys must be the prefix keys, then any cached keys, then one "
+                "per query"
+            )
         out = variant(
             query,
             key,
@@ -208,7 +240,8 @@ def variant_attention(
             key_padding_mask=padding,
             causal=bool(module.attention_variant_causal),
             scale=scale,
-            num_prefix=key.shape[2] - query.shape[2],
+            num_prefix=num_prefix,
+            num_cached=num_cached,
         )
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
 

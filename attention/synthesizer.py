@@ -15,6 +15,9 @@ The attention weights are not computed from query-key dot products but *synthesi
 Output: ``softmax(B) v``. The key padding mask is applied to the logits (padded keys get ``-inf``) and
 causal attention masks the upper triangle, so both are exact; keys ``k`` are not used. The logits depend
 only on positions (and, for ``dense``, on the query itself), so real outputs do not depend on padding.
+With ``num_cached`` keys from a KV cache (decoding) the queries are tokens ``num_cached ..``: they take
+those rows of the random logits and that diagonal of the causal mask, so a cached step gives what the full
+forward gives at those positions.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class SynthesizerAttention(AttentionVariant):
         seed: seed of the fixed random logits when ``trainable=False`` (learned ones use the global RNG).
     """
 
-    capabilities = Capabilities(causal=True, padding_mask=True, max_length=True)
+    capabilities = Capabilities(causal=True, padding_mask=True, max_length=True, kv_cache=True)
 
     def __init__(
         self,
@@ -94,16 +97,18 @@ class SynthesizerAttention(AttentionVariant):
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, max_length={self.max_length}"
 
-    def logits(self, q: Tensor, n_keys: int) -> Tensor:
-        """Synthesised logits ``(B or 1, H, Tq, Tk)`` before masking, ``Tk = n_keys``."""
+    def logits(self, q: Tensor, n_keys: int, offset: int = 0) -> Tensor:
+        """Synthesised logits ``(B or 1, H, Tq, Tk)`` before masking, ``Tk = n_keys``, for queries at
+        positions ``offset .. offset + Tq - 1``."""
         Tq, Tk = q.shape[2], n_keys
+        rows = slice(offset, offset + Tq)
         if self.mode == "dense":
             x = q.to(self.w1.dtype)  # bf16 activations with fp32 weights (and the reverse) work
             hidden = torch.relu(torch.einsum("bhtd,hde->bhte", x, self.w1) + self.b1)  # (B, H, Tq, hidden)
             return torch.einsum("bhte,hen->bhtn", hidden, self.w2[..., :Tk]) + self.b2[..., :Tk]
         if self.mode == "random":
-            return self.random_logits[None, :, :Tq, :Tk]  # (1, H, Tq, Tk)
-        return torch.einsum("htr,hkr->htk", self.factor_left[:, :Tq], self.factor_right[:, :Tk])[None]
+            return self.random_logits[None, :, rows, :Tk]  # (1, H, Tq, Tk)
+        return torch.einsum("htr,hkr->htk", self.factor_left[:, rows], self.factor_right[:, :Tk])[None]
 
     def attend(
         self,
@@ -116,14 +121,16 @@ class SynthesizerAttention(AttentionVariant):
         scale: float,
         num_prefix: int,
         global_mask: Tensor | None,
+        num_cached: int,
     ) -> Tensor:
         Tq, Tk = q.shape[2], k.shape[2]
-        logits = self.logits(q, Tk).float()  # (B or 1, H, Tq, Tk)
+        logits = self.logits(q, Tk, offset=num_cached).float()  # (B or 1, H, Tq, Tk)
         visible = torch.ones(1, 1, Tq, Tk, dtype=torch.bool, device=q.device)
         if key_padding_mask is not None:
             visible = visible & key_padding_mask[:, None, None, :]  # (B, 1, 1, Tk)
         if causal:
-            visible = visible & torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()
+            # Query i is token num_cached + i: it sees keys 0 .. num_cached + i.
+            visible = visible & torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(num_cached)
         logits = logits.masked_fill(~visible, float("-inf"))
         # A query that sees nothing (a padded query in an all-padding row) gets zeros, not NaN.
         weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # (B, H, Tq, Tk)

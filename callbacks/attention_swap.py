@@ -10,6 +10,13 @@ target does not exist yet at ``setup``), the swap runs right after ``configure_m
 Checkpoints record the variant and its options (``on_save_checkpoint``; Lightning skips that hook for
 ``save_weights_only=True`` checkpoints). Resuming from a checkpoint made with another variant, or with none,
 is refused with a message naming both.
+
+Leaving the callback out when loading such a checkpoint (evaluating with ``PEFT`` alone) would run the trained
+weights on the model's own attention: outputs change without a word. The ``PEFT`` callback therefore calls
+:func:`check_checkpoint_attention` when it loads a checkpoint: a recorded variant that the model's attention
+does not run is refused, naming the variant, its options and the ``AttentionSwap`` callback to add. Variants
+with parameters (Linformer, Synthesizer, Mixer) already fail earlier, in the state-dict load, on their
+unexpected keys; :func:`explain_load_error` adds to that error which variant the checkpoint needs.
 """
 
 from __future__ import annotations
@@ -28,8 +35,9 @@ from typing_extensions import override
 from lightning_peft.attention.base import get_attention
 from lightning_peft.attention.swap import SwapReport, swap_attention, swapped
 from lightning_peft.callbacks.patching import Patches
+from lightning_peft.layouts import find_hf_model
 
-__all__ = ["AttentionSwap"]
+__all__ = ["AttentionSwap", "check_checkpoint_attention", "explain_load_error"]
 
 CHECKPOINT_KEY = "lightning_peft_attention"
 """Top-level checkpoint key holding ``{"variant": name, "options": {...}}``."""
@@ -173,3 +181,87 @@ def _matching(saved: dict[str, Any] | None) -> str:
         return "drop the AttentionSwap callback"
     options = "".join(f", {k}={v!r}" for k, v in saved["options"].items())
     return f"use AttentionSwap({saved['variant']!r}{options})"
+
+
+def _call(saved: dict[str, Any], target: str | None) -> str:
+    """``AttentionSwap('name', target=..., option=...)`` for a checkpoint record."""
+    where = f", target={target!r}" if target is not None else ""
+    options = "".join(f", {k}={v!r}" for k, v in saved["options"].items())
+    return f"AttentionSwap({saved['variant']!r}{where}{options})"
+
+
+def _swaps_in(pl_module: nn.Module) -> list[SwapReport]:
+    """The swap reports of the Hugging Face models inside ``pl_module`` (empty: no attention swapped)."""
+    return [r for m in pl_module.modules() if (r := swapped(m)) is not None]
+
+
+def _hf_path(pl_module: nn.Module) -> str | None:
+    try:
+        return find_hf_model(pl_module)[0]
+    except (TypeError, ValueError):
+        return None
+
+
+def check_checkpoint_attention(
+    trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+) -> None:
+    """Refuse a checkpoint trained with a swapped attention when the model's attention does not run it.
+
+    Called by the ``PEFT`` callback on load. With an :class:`AttentionSwap` callback in the Trainer that
+    callback compares the records itself; without one, the checkpoint's record (written by ``AttentionSwap``
+    at save time) must match what the model runs: a model swapped by hand with the same variant and options
+    passes, a model on its own attention or on another variant is refused.
+
+    Raises:
+        ValueError: naming the checkpoint's variant and options, what the model runs, and the callback to add.
+    """
+    saved = checkpoint.get(CHECKPOINT_KEY)
+    if saved is None or any(isinstance(cb, AttentionSwap) for cb in trainer.callbacks):
+        return
+    reports = _swaps_in(pl_module)
+    if reports and all(r.variant == saved["variant"] and r.options == saved["options"] for r in reports):
+        return
+    runs = (
+        "its own attention (not swapped)"
+        if not reports
+        else "attention " + ", ".join(sorted({f"{r.variant!r} with options {r.options}" for r in reports}))
+    )
+    target = _hf_path(pl_module)
+    raise ValueError(
+        f"this checkpoint was trained with attention {saved['variant']!r} with options {saved['options']}, "
+        f"but {type(pl_module).__name__}'s model runs {runs}: the trained weights would run on another "
+        "attention and its outputs change. Add the callback that swaps it, before PEFT: "
+        f"Trainer(callbacks=[{_call(saved, target)}, PEFT(...)]) (or call swap_attention(model, "
+        f"{saved['variant']!r}, ...) on a fresh model before loading). To evaluate these weights on another "
+        f"attention on purpose, delete checkpoint[{CHECKPOINT_KEY!r}] from the file."
+    )
+
+
+def explain_load_error(trainer: L.Trainer, exception: BaseException) -> None:
+    """Add to a state-dict load error over a swapped variant's tensors which variant the checkpoint needs.
+
+    A variant with parameters (Linformer's projections, ...) leaves ``...attention_variant.*`` keys in the
+    checkpoint; loaded into a model that was not swapped (or swapped to another variant) they are unexpected
+    keys, an error raised inside the load, before any callback sees the checkpoint. This adds a note naming
+    the recorded variant and the callback to add (the error itself is unchanged).
+    """
+    lines = str(exception).splitlines() if isinstance(exception, RuntimeError) else []
+    if not any("Unexpected key(s)" in line and ".attention_variant." in line for line in lines):
+        return
+    connector = getattr(trainer, "_checkpoint_connector", None)
+    checkpoint = getattr(connector, "_loaded_checkpoint", None) or {}
+    saved = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    pl_module = trainer.lightning_module
+    if saved is None:
+        needs = "a swapped attention (its variant is not recorded: it was saved without AttentionSwap)"
+        fix = "swap the same variant in before loading (AttentionSwap or swap_attention)"
+    else:
+        needs = f"attention {saved['variant']!r} with options {saved['options']}"
+        fix = (
+            f"add {_call(saved, _hf_path(pl_module) if pl_module is not None else None)} to the Trainer's "
+            "callbacks, before PEFT"
+        )
+    exception.add_note(
+        f"lightning-peft: the '.attention_variant.' keys are the parameters of a swapped attention: this "
+        f"checkpoint needs {needs}, which the model does not run; {fix}."
+    )

@@ -36,7 +36,11 @@ from lightning_peft.callbacks.adapter_checkpoint import (
     trim_state_dict,
     validate_adapter_checkpoint,
 )
-from lightning_peft.callbacks.attention_swap import AttentionSwap
+from lightning_peft.callbacks.attention_swap import (
+    AttentionSwap,
+    check_checkpoint_attention,
+    explain_load_error,
+)
 from lightning_peft.callbacks.gradient_checkpointing import guard_gradient_checkpointing
 from lightning_peft.callbacks.patching import Patches
 from lightning_peft.callbacks.rng import get_rng_state, set_rng_state
@@ -326,6 +330,13 @@ class PEFT(Callback):
         if adapters and META_KEY in adapters:
             keys = {k for k in adapters if k != META_KEY}
             validate_adapter_checkpoint(pl_module, keys, adapters[META_KEY], self._base_fingerprint())
+        check_checkpoint_attention(trainer, pl_module, checkpoint)  # trained with a swapped attention?
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        explain_load_error(trainer, exception)  # a swapped variant's keys, unexpected in this model
 
     # -- state: config check and RNG for exact resume -------------------------------------------------
     @override

@@ -230,7 +230,11 @@ def _prefix_attention(
     if module._modules.get("attention_variant") is not None:  # a swapped variant takes num_prefix keys
         if position_bias is not None:
             raise NotImplementedError("a swapped attention variant cannot add a relative position bias")
-        return variant_attention(module, query, key, value, padding, scaling, dropout, **kwargs)
+        # The prefix keys are the ones prepended here; any other keys before the queries come from a KV cache.
+        num_prefix = key.shape[2] - tk_real
+        return variant_attention(
+            module, query, key, value, padding, scaling, dropout, num_prefix=num_prefix, **kwargs
+        )
     groups = int(getattr(module, "num_key_value_groups", 1))
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     tq, tk = query.shape[2], key.shape[2]

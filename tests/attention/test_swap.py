@@ -23,6 +23,7 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
+from lightning_peft.attention import get_attention
 from lightning_peft.attention.swap import INTERFACE_KEY, key_padding_from_mask, swap_attention, swapped
 from tests.conftest import unregistered_model
 
@@ -283,7 +284,7 @@ def test_key_padding_from_additive_and_boolean_masks() -> None:
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_cached_generation_matches_the_unswapped_model(family: str) -> None:
-    """With a KV cache the cached keys reach the variant as prefix keys (num_prefix = Tk - Tq)."""
+    """With a KV cache the cached keys reach the variant as num_cached keys (window >= n: dense attention)."""
     model = tiny(family)
     swapped_model = copy.deepcopy(model)
     swap_attention(swapped_model, "sliding_window", window=64)
@@ -293,3 +294,23 @@ def test_cached_generation_matches_the_unswapped_model(family: str) -> None:
     kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
     expected = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     assert torch.equal(swapped_model.generate(input_ids=ids, attention_mask=mask, **kwargs), expected)
+
+
+@pytest.mark.parametrize("variant", ["linformer", "mixer"])
+def test_a_given_max_length_reaches_the_variant(variant: str) -> None:
+    """max_length is both swap_attention's default source (the model's position limit) and a variant
+    option: a user's value is passed once (it once raised "got multiple values for keyword argument")."""
+    options = {"proj_dim": 4} if variant == "linformer" else {}
+    model = tiny("bert")  # max_position_embeddings=32
+    report = swap_attention(model, variant, max_length=64, **options)
+    assert report.options == {"max_length": 64, **options}
+    cls = get_attention(variant)
+    variants = [m for m in model.modules() if isinstance(m, cls)]
+    assert len(variants) == 2 and all(v.max_length == 64 for v in variants)
+    sequence_axis = variants[0].E.shape[-1] if variant == "linformer" else variants[0].w1.shape[1]
+    assert sequence_axis == 64  # the learned sequence-axis parameters are sized by it
+    default = tiny("bert")
+    swap_attention(default, variant, **options)
+    assert [v.max_length for v in default.modules() if isinstance(v, cls)] == [32, 32]
+    ids, mask = batch("bert")
+    assert output(model, ids, mask).shape == (2, 12, 16)

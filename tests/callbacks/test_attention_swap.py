@@ -1,8 +1,10 @@
-"""AttentionSwap: swaps in setup (before the optimizer exists), records the variant, refuses mismatches."""
+"""AttentionSwap: swaps in setup (before the optimizer exists), records the variant, refuses mismatches;
+the PEFT callback refuses a recorded variant that the model does not run (the callback left out)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -10,9 +12,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertForSequenceClassification
 
-from lightning_peft.attention.swap import swapped
-from lightning_peft.callbacks import AttentionSwap
-from lightning_peft.callbacks.attention_swap import CHECKPOINT_KEY
+from lightning_peft import LoRAConfig
+from lightning_peft.attention.swap import swap_attention, swapped
+from lightning_peft.callbacks import PEFT, AttentionSwap
+from lightning_peft.callbacks.attention_swap import CHECKPOINT_KEY, explain_load_error
 from tests.resume import ResumedFrom
 
 
@@ -205,3 +208,126 @@ def test_options_dict_for_yaml_recipes_merges_with_keywords() -> None:
     assert callback.record == {"variant": "reformer", "options": {"bucket_size": 8, "n_hashes": 2}}
     with pytest.raises(ValueError, match="given both"):
         AttentionSwap("reformer", options={"bucket_size": 8}, bucket_size=4)
+
+
+# ------------------------------------------- evaluating a checkpoint trained with a swapped attention
+class EvalClassifier(TinyClassifier):
+    """A seeded TinyClassifier (the same base weights every time) with a validation loop; ``swap`` swaps
+    its model by hand, as a user may do instead of using the callback. Its matrices are scaled up 10x: at
+    the init scale (std 0.02) the residual stream of a one-layer model hides what attention does."""
+
+    def __init__(self, swap: tuple[str, dict] | None = None) -> None:
+        torch.manual_seed(0)
+        super().__init__()
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if p.dim() > 1:
+                    p.mul_(10.0)
+        if swap is not None:
+            swap_attention(self.model, swap[0], **swap[1])
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        ids, mask, labels = batch
+        self.log("val_loss", self.model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.train_dataloader()
+
+
+def lora() -> PEFT:
+    return PEFT(LoRAConfig(r=2, alpha=4, target_modules=["query", "value"]))
+
+
+def evaluate(tmp_path: Path, module: L.LightningModule, callbacks: list, ckpt_path: Path | None) -> float:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        callbacks=callbacks,
+    )
+    return trainer.validate(module, ckpt_path=ckpt_path, verbose=False)[0]["val_loss"]
+
+
+def train_swapped(tmp_path: Path, name: str, options: dict) -> tuple[Path, float]:
+    """Train with AttentionSwap + PEFT; the adapter-only checkpoint and the trained model's val loss."""
+    module = EvalClassifier()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        limit_train_batches=2,
+        max_epochs=2,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        callbacks=[AttentionSwap(name, **options), lora()],
+    )
+    trainer.fit(module)
+    return only_checkpoint(tmp_path), trainer.validate(module, verbose=False)[0]["val_loss"]
+
+
+SWAPS = [("performer", {"nb_features": 8}), ("sliding_window", {"window": 4})]
+
+
+@pytest.mark.parametrize(("name", "options"), SWAPS, ids=[n for n, _ in SWAPS])
+def test_evaluating_without_the_swap_is_refused_naming_the_variant_and_the_callback(
+    tmp_path: Path, name: str, options: dict
+) -> None:
+    ckpt, _ = train_swapped(tmp_path, name, options)
+    ((key, value),) = options.items()
+    message = (
+        rf"trained with attention '{name}' with options \{{'{key}': {value}\}}, but EvalClassifier's model "
+        rf"runs its own attention \(not swapped\).*AttentionSwap\('{name}', target='model', {key}={value}\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        evaluate(tmp_path / "eval", EvalClassifier(), [lora()], ckpt)
+
+
+def test_a_model_swapped_to_another_variant_is_refused_naming_both(tmp_path: Path) -> None:
+    ckpt, _ = train_swapped(tmp_path, "performer", {"nb_features": 8})
+    with pytest.raises(ValueError, match=r"'performer'.*runs attention 'sdpa' with options \{\}"):
+        evaluate(tmp_path / "eval", EvalClassifier(swap=("sdpa", {})), [lora()], ckpt)
+
+
+def test_the_callback_or_a_matching_swap_by_hand_reproduce_the_trained_model(tmp_path: Path) -> None:
+    ckpt, trained_loss = train_swapped(tmp_path, "performer", {"nb_features": 8})
+    with_callback = evaluate(
+        tmp_path / "a", EvalClassifier(), [AttentionSwap("performer", nb_features=8), lora()], ckpt
+    )
+    by_hand = evaluate(tmp_path / "b", EvalClassifier(swap=("performer", {"nb_features": 8})), [lora()], ckpt)
+    assert with_callback == pytest.approx(trained_loss, abs=1e-6)
+    assert by_hand == pytest.approx(trained_loss, abs=1e-6)
+    # What the refusal prevents: the same adapters on the model's own attention give another result.
+    checkpoint = torch.load(ckpt, weights_only=False)
+    del checkpoint[CHECKPOINT_KEY]  # the documented way to evaluate on another attention on purpose
+    torch.save(checkpoint, tmp_path / "unrecorded.ckpt")
+    own_attention = evaluate(tmp_path / "c", EvalClassifier(), [lora()], tmp_path / "unrecorded.ckpt")
+    assert abs(own_attention - trained_loss) > 1e-3, (own_attention, trained_loss)
+
+
+def test_a_variant_with_parameters_fails_on_unexpected_keys_naming_the_variant(tmp_path: Path) -> None:
+    ckpt, _ = train_swapped(tmp_path, "linformer", {"proj_dim": 4})
+    with pytest.raises(RuntimeError, match=r"Unexpected key.*attention_variant\.E") as caught:
+        evaluate(tmp_path / "eval", EvalClassifier(), [lora()], ckpt)
+    (note,) = caught.value.__notes__
+    assert "needs attention 'linformer' with options {'proj_dim': 4}" in note
+    assert "add AttentionSwap('linformer', target='model', proj_dim=4)" in note
+
+
+def test_the_note_goes_to_unexpected_variant_keys_only() -> None:
+    record = {"variant": "linformer", "options": {"proj_dim": 4}}
+    trainer = SimpleNamespace(
+        _checkpoint_connector=SimpleNamespace(_loaded_checkpoint={CHECKPOINT_KEY: record}),
+        lightning_module=None,
+    )
+    header = "Error(s) in loading state_dict for M:\n\t"
+    missing = RuntimeError(header + 'Missing key(s) in state_dict: "m.attention.self.attention_variant.E".')
+    other = RuntimeError(header + 'Unexpected key(s) in state_dict: "m.classifier.weight".')
+    unexpected = RuntimeError(
+        header + 'Unexpected key(s) in state_dict: "m.attention.self.attention_variant.E".'
+    )
+    for error in (missing, other, unexpected):
+        explain_load_error(trainer, error)  # type: ignore[arg-type]
+    assert not hasattr(missing, "__notes__") and not hasattr(other, "__notes__")
+    assert "needs attention 'linformer' with options {'proj_dim': 4}" in unexpected.__notes__[0]

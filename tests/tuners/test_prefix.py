@@ -147,6 +147,31 @@ def test_swapped_variant_takes_prefix_keys_as_num_prefix() -> None:
     assert calls == [3]
 
 
+@pytest.mark.parametrize("make", [tiny_gpt2_lm, tiny_llama_lm], ids=["gpt2", "llama"])
+def test_windowed_variant_with_prefix_and_kv_cache_equals_the_full_forward(make) -> None:
+    """Prefix keys and cached keys reach a swapped variant apart: with window 8 and 20 tokens a cached
+    step must not let the new token see cached keys outside its window (the prefix keys it sees always)."""
+    model = make().double()
+    swap_attention(model, "sliding_window", window=8)
+    lp.inject(model, PrefixTuningConfig(num_virtual_tokens=3))
+    perturb_trainable(model, scale=0.5)
+    inputs = model_inputs("gpt2", batch=2, length=20)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    mask[0, :3] = 0  # left padding in the first row
+    calls: list[tuple[int, int]] = []
+    variant = next(m.attention_variant for m in model.modules() if "attention_variant" in m._modules)
+    variant.register_forward_hook(
+        lambda _m, _a, kw, _o: calls.append((kw["num_prefix"], kw.get("num_cached", 0))), with_kwargs=True
+    )
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits  # (B, 20, V)
+        for cut in (19, 12):
+            head = model(input_ids=ids[:, :cut], attention_mask=mask[:, :cut], use_cache=True)
+            step = model(input_ids=ids[:, cut:], attention_mask=mask, past_key_values=head.past_key_values)
+            torch.testing.assert_close(step.logits, full[:, cut:], rtol=1e-9, atol=1e-9)
+    assert calls == [(3, 0), (3, 0), (3, 19), (3, 0), (3, 12)]
+
+
 @needs_interface("bert")
 def test_bad_input_is_refused() -> None:
     with pytest.raises(ValueError, match=r"num_virtual_tokens must be > 0"):
