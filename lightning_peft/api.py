@@ -97,7 +97,11 @@ def inject(model: nn.Module, config: TunerConfig | Sequence[TunerConfig]) -> lis
         changed = config.apply(model)
         for member in config.members():
             if member.modules_to_save:
-                for name in find_modules(model, member.modules_to_save, what="modules_to_save"):
+                # not a wrap: a module a tuner wrapped (its adapter with it) may be trained in full too
+                saved = find_modules(
+                    model, member.modules_to_save, what="modules_to_save", through_wrappers=True
+                )
+                for name in saved:
                     mark(model.get_submodule(name))
     except Exception:
         if len(config.members()) > 1:  # take out what the members before the failing one injected

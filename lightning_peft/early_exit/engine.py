@@ -15,7 +15,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.masking_utils import create_bidirectional_mask
+
+try:  # transformers >= 5 builds every attention implementation's mask through one function
+    from transformers.masking_utils import create_bidirectional_mask
+except ImportError:  # transformers 4.57: encoders build their masks inline
+    create_bidirectional_mask = None
 
 from lightning_peft.early_exit.criteria import ExitRule
 from lightning_peft.early_exit.stepping import Encoder, block_output, resolve_encoder, run_pre_hooks
@@ -43,6 +47,12 @@ class _State:
 
 
 def _attention_mask(enc: Encoder, hidden: Tensor, mask: Tensor) -> Any:
+    if create_bidirectional_mask is None:
+        raise RuntimeError(
+            "early exit steps the encoder's blocks itself and builds their attention mask with "
+            "transformers.masking_utils.create_bidirectional_mask, which this transformers lacks: install "
+            "transformers >= 5"
+        )
     return create_bidirectional_mask(config=enc.hf.config, inputs_embeds=hidden, attention_mask=mask)
 
 

@@ -195,7 +195,7 @@ def _check_saved_below_cut(model: nn.Module, config: AdapterDropConfig, found: l
         return
     block = next(n.split(f".{cut}.")[0] + f".{cut}" for n in found if block_index(n) == cut)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    saved = find_modules(model, config.modules_to_save, what="modules_to_save")
+    saved = find_modules(model, config.modules_to_save, what="modules_to_save", through_wrappers=True)
     below = [s for s in saved if order[s] < order[block] and not block.startswith(s + ".")]
     if not below:
         return
