@@ -50,10 +50,11 @@ def test_tiny_recipe_trains_and_summarises(
     assert keys and all("lora_" in k or k.startswith("classifier.") for k in keys)
     assert (tmp_path / "outputs/tiny_lora/checkpoints/summary.json").exists()
     # Resuming from the last checkpoint continues the run instead of starting over: the first resumed
-    # step is step 6 (batch 6 of epoch 0, the bundled data has more than 6 batches of 16), with the
-    # checkpoint's adapters in place.
+    # step is step 6, with the checkpoint's adapters in place. last.ckpt here is LastCheckpoint's
+    # end-of-fit save, and Lightning counts a fit stopped by max_steps as a finished epoch: the resumed
+    # run goes on in epoch 1 (a periodic, mid-epoch save resumes mid-epoch: the kill test shows it).
     probe = assert_resumed_from(
-        tmp_path / "outputs/tiny_lora/checkpoints/last.ckpt", global_step=6, epoch=0, batch=6
+        tmp_path / "outputs/tiny_lora/checkpoints/last.ckpt", global_step=6, epoch=1, batch=6
     )
     before_fit = PEFTCLI.before_fit
 
