@@ -43,7 +43,7 @@ def quick_config(workdir: Path) -> Path:
     trainer = recipe["trainer"]
     trainer.update(max_steps=1, limit_val_batches=1, default_root_dir=str(workdir), logger=False)
     for callback in trainer["callbacks"]:
-        if callback["class_path"].endswith("ModelCheckpoint"):
+        if callback["class_path"].endswith(("ModelCheckpoint", "LastCheckpoint")):
             callback["init_args"].update(dirpath=str(workdir / "checkpoints"), every_n_train_steps=1)
     model = {k: v for k, v in recipe["model"]["init_args"].items() if k != "model_name_or_path"}
     model.update(config=tiny_smollm2_config(), num_eval_generations=2, max_new_tokens=2, num_samples=1)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_peft.layouts import base as layout_registry
 from lightning_peft.tasks import TextClassifier
 
 README = Path(__file__).parents[1] / "README.md"
@@ -24,6 +25,8 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
 
 def test_every_python_block_of_the_readme_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    # the README registers a layout (OPT): on a copy of the registry, so later tests see the built-ins only
+    monkeypatch.setattr(layout_registry, "_LAYOUTS", dict(layout_registry._LAYOUTS))
     started: list[int] = []
     monkeypatch.setattr(
         TextClassifier, "on_train_start", lambda self: started.append(self.trainer.global_step)
