@@ -1,5 +1,6 @@
-"""Few-shot text classification: head fine-tuning vs prompt-based fine-tuning vs LM-BFF demonstrations vs
-zero-shot, with LoRA and full fine-tuning, on SmolLM2-135M-Instruct (causal LM), 16 / 32 examples per class.
+"""Few-shot text classification: head fine-tuning vs prompt-based fine-tuning vs LM-BFF demonstrations vs PET
+ensembles vs zero-shot, with LoRA and full fine-tuning, on SmolLM2-135M-Instruct (causal LM), 16 / 32
+examples per class.
 
 The claim under test (LM-BFF, Gao et al. 2021, SST-2 with RoBERTa-large, 16 per class): prompt-based
 fine-tuning beats fine-tuning a new head by a wide margin (81.4 -> 92.7).
@@ -13,14 +14,33 @@ fresh head barely moves in this many steps). Head fine-tuning: mean-pooled last 
 (``TextClassifier``). Prompt-based: ``PromptClassifier`` with PET's loss (CE over the verbalizer's class
 scores, ``"pet"`` aggregation, single-token label words). Demonstrations: LM-BFF's one per class drawn from
 the most similar 50% (MiniLM embeddings) of the training set, fresh per step; ``--demo-sets`` sets averaged
-at inference. Zero-shot: the pattern and verbalizer without training (no seed dependence).
+at inference. PET ensemble (``pet_*``): the task's three patterns, one model each (same tuner, same
+steps), their averaged logits label 128 unlabeled pool rows, and the first pattern's fresh model distills
+them (KL, T=2, times T^2); ``acc`` is the distilled model's, ``ensemble_acc`` the three patterns' average.
+Zero-shot: the pattern and verbalizer without training (no seed dependence). No pretrained masked LM with its
+MLM head ships offline here (all-MiniLM-L6-v2 is a sentence-embedding encoder without one), so the grid is
+causal-LM only.
 
-    .venv/bin/python benchmarks/few_shot.py                       # the README grid
+The README grid, fixed before running: both tasks, 5 seeds (0-4), 30 steps of batch 8, 200 validation
+examples, one process per task (one thread each), in two phases::
+
+    # phase 1: the claim (head vs prompt), LoRA and full fine-tuning, 16 and 32 shots
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/few_shot.py --tasks demo_sentiment --seeds 0 1 2 3 4 \
+        --methods zero_shot head_lora head_full prompt_lora prompt_full \
+        --out benchmarks/results/few_shot_demo_sentiment.json
+    # phase 2: demonstrations and PET ensembles, 16 shots (appended to the same file)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/few_shot.py --tasks demo_sentiment --seeds 0 1 2 3 4 \
+        --shots 16 --methods demos_lora pet_lora demos_full pet_full --resume \
+        --out benchmarks/results/few_shot_demo_sentiment.json
+    # the same two commands with --tasks stdlib_topic and few_shot_stdlib_topic.json
+
+Other invocations::
+
     .venv/bin/python benchmarks/few_shot.py --seeds 0 --steps 2 --eval-size 16 --out /tmp/smoke.json
     .venv/bin/python benchmarks/few_shot.py --quick --out /tmp/quick.json   # smoke run: tiny random decoder
 
-Results (accuracy per run, mean / std / median / IQR per cell, seconds per run) go to
-``benchmarks/results/few_shot.json``, written after every run so a killed run keeps what it measured.
+Results (accuracy per run, mean / std / median / IQR per cell, seconds per run) are written after every run,
+so a killed run keeps what it measured and ``--resume`` goes on from there.
 """
 
 from __future__ import annotations
@@ -29,6 +49,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +62,7 @@ import lightning_peft as lp
 from benchmarks.common import add_quick_flag, apply_quick, quick, tiny_smollm2_config
 from benchmarks.few_shot_data import build as build_stdlib
 from lightning_peft.prompting.models import load_lm_tokenizer
+from lightning_peft.prompting.pet import PETConfig, run_pet
 from lightning_peft.tasks.prompt_classifier import PromptClassifier
 from lightning_peft.tasks.prompt_data import PromptData, few_shot_sample
 from lightning_peft.tasks.text_classification import TextClassifier
@@ -50,12 +72,22 @@ TASKS: dict[str, dict[str, Any]] = {
     "demo_sentiment": {
         "template": "Review: {text} Sentiment: {answer}",
         "verbalizer": {"negative": ["negative"], "positive": ["positive"]},
+        # PET ensembles: the template above and two more patterns, same verbalizer.
+        "patterns": [
+            "{text} All in all, the review is {answer}",
+            "Text: {text}\nQuestion: is this review positive or negative?\nAnswer: {answer}",
+        ],
     },
     "stdlib_topic": {
         "template": "Python documentation: {text} Topic: {answer}",
         "verbalizer": {"numbers": ["numbers"], "text": ["text"]},
+        "patterns": [
+            "{text} This function works on {answer}",
+            "Docstring: {text}\nQuestion: does this work on text or numbers?\nAnswer: {answer}",
+        ],
     },
 }
+UNLABELED = 128  # PET's unlabeled set: training-pool rows outside the labeled draw
 LR = {"full": 2e-5, "lora": 5e-4, "head": 1e-3}
 
 
@@ -217,6 +249,60 @@ def run_head(
     return correct / len(val)
 
 
+def run_pet_ensemble(
+    path: str,
+    task: dict,
+    pool: list[dict],
+    val: list[dict],
+    names: list[str],
+    shots: int,
+    tuning: str,
+    args: argparse.Namespace,
+    seed: int,
+) -> dict[str, float]:
+    """PET (Schick & Schuetze 2021): one model per pattern, their averaged logits label ``UNLABELED`` pool
+    rows, a final classifier (the first pattern, fresh tuner) distills them (KL with T=2, times T^2).
+
+    Goes through :func:`lightning_peft.prompting.pet.run_pet` (Lightning ``Trainer`` fits), on files holding
+    the task's pool and validation rows; ``PromptData`` draws the labeled set with the same
+    ``few_shot_sample(pool, shots, seed)`` as every other method. Returns the distilled classifier's accuracy
+    (``acc``) and the ensemble's (``ensemble_acc``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for split, rows in (("train", pool), ("val", val)):
+            files[split] = Path(tmp) / f"{split}.jsonl"
+            lines = [json.dumps({"text": ex["slots"]["text"], "label": names[ex["label"]]}) for ex in rows]
+            files[split].write_text("\n".join(lines) + "\n")
+        tuner = None
+        if tuning == "lora":
+            tuner = {"method": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+        fit = {"max_steps": args.steps, "batch_size": args.batch_size, "learning_rate": LR[tuning]}
+        cfg = PETConfig(
+            patterns=[task["template"], *task["patterns"]],
+            verbalizer=task["verbalizer"],
+            **model_source(path, tokenizer=True),
+            tuner=tuner,
+            data={
+                "train_path": str(files["train"]),
+                "val_path": str(files["val"]),
+                "label_names": names,
+                "shots_per_class": shots,
+            },
+            unlabeled_size=UNLABELED if not quick() else 4,
+            train={**fit, "max_length": 128},
+            final={**fit, "pattern": 0, "temperature": 2.0},
+            output_dir=str(Path(tmp) / "pet"),
+            seed=seed,
+        )
+        res = run_pet(cfg)
+    return {
+        "acc": res["final_val_acc"],
+        "ensemble_acc": res["ensemble_val_acc"],
+        "pattern_accs": res["generations"][-1]["val_acc"],
+        "soft_label_acc": res["soft_label_acc"],
+    }
+
+
 def cell_stats(accs: list[float]) -> dict[str, float]:
     q = statistics.quantiles(accs, n=4) if len(accs) >= 2 else [accs[0]] * 3
     return {
@@ -236,7 +322,17 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=["zero_shot", "head_lora", "head_full", "prompt_lora", "prompt_full", "demos_lora"],
+        default=[
+            "zero_shot",
+            "head_lora",
+            "head_full",
+            "prompt_lora",
+            "prompt_full",
+            "demos_lora",
+            "demos_full",
+            "pet_lora",
+            "pet_full",
+        ],
     )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -244,6 +340,11 @@ def main() -> None:
     parser.add_argument("--eval-batch", type=int, default=32)
     parser.add_argument("--demo-sets", type=int, default=4)
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/few_shot.json)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in --out and skip them (a killed or phased grid goes on where it was)",
+    )
     add_quick_flag(parser)
     args = parser.parse_args()
     # Quick: every task and method once, on a random decoder: 2 shots, 1 seed, 1 step, 4 validation examples.
@@ -254,8 +355,15 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path = smollm2_path()
     runs: list[dict[str, Any]] = []
+    earlier: list[dict[str, Any]] = []  # the arguments of the invocations whose runs were kept
+    if args.resume and Path(args.out).exists():
+        previous = json.loads(Path(args.out).read_text())
+        runs = previous["runs"]
+        earlier = [*previous["meta"].get("earlier_args", []), previous["meta"]["args"]]
+    done = {(r["task"], r["shots"], r["seed"], r["method"]) for r in runs}
     meta = {
         "args": vars(args),
+        "earlier_args": earlier,
         "model": (
             f"quick smoke run: random decoder {tiny_smollm2_config()} with SmolLM2's tokenizer; the numbers "
             "mean nothing"
@@ -286,10 +394,16 @@ def main() -> None:
                 for method in args.methods:
                     if method == "zero_shot" and (seed != args.seeds[0] or shots != args.shots[0]):
                         continue  # no training: independent of the seed and of the shots
+                    if (task_name, shots, seed, method) in done:
+                        continue
                     t0 = time.perf_counter()
                     kind, _, tuning = method.partition("_")
+                    extra: dict[str, Any] = {}
                     if method == "zero_shot":
                         acc = run_prompt(path, task, train, val, None, args, seed)
+                    elif kind == "pet":
+                        extra = run_pet_ensemble(path, task, pool, val, names, shots, tuning, args, seed)
+                        acc = extra.pop("acc")
                     elif kind == "head":
                         acc = run_head(path, train, val, tuning, args, seed)
                     else:
@@ -301,6 +415,7 @@ def main() -> None:
                             "seed": seed,
                             "method": method,
                             "acc": acc,
+                            **extra,
                             "seconds": round(time.perf_counter() - t0, 1),
                         }
                     )
