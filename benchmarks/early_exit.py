@@ -11,21 +11,27 @@ For each task (the bundled sentiment task and the ``fortunes`` topic task, see `
 3. wall-clock time of ``predict`` per criterion and threshold against the same model run in full
    (``criterion="fixed"``, exit 6: every block, the final head only), at batch 32 (the first
    ``--time-batches`` validation batches) and batch 1 (the first ``--batch1`` validation samples,
-   unpadded), interleaved round-robin in one process;
-   speed-up = median full / median dynamic, with a conservative bound (full's first quartile over the
-   dynamic third quartile);
+   unpadded), interleaved round-robin in one process (``--rounds`` rounds); per round the speed-up
+   full / dynamic (both ran in that round), reported as the median with its quartiles; also the older
+   conservative bound (full's first quartile over the dynamic third quartile, unpaired);
 4. the cost of one exit head against one block on a typical batch.
 
-Target (issue 11): at batch 32, >= 1.5x at <= 1 point of accuracy below the full model.
+Target (issue 11): at batch 32, >= 1.5x at <= 1 point of accuracy below the full model, met when the
+per-round speed-up's lower quartile reaches 1.5x (the whole IQR meets it).
 
-    python benchmarks/early_exit.py                  # both tasks, JSON + PNG in benchmarks/results/
-    python benchmarks/early_exit.py --tasks demo --epochs 1 --rounds 2   # a quick look
-    python benchmarks/early_exit.py --quick --out /tmp/early_exit.json   # smoke run: tiny model, seconds
-    # one process per task (what the README's numbers used, on a loaded 2-core machine):
+The README's runs, fixed before running (defaults: 2 epochs, 15 rounds, 8 batches of 32, 32 single samples),
+one process per task, one thread, nothing else running::
+
     python benchmarks/early_exit.py --tasks demo --threads 1 --out benchmarks/results/early_exit_demo.json \
         --png benchmarks/results/early_exit_demo.png
     python benchmarks/early_exit.py --tasks fortunes --threads 1 \
         --out benchmarks/results/early_exit_fortunes.json --png benchmarks/results/early_exit_fortunes.png
+
+Other invocations::
+
+    python benchmarks/early_exit.py                  # both tasks, JSON + PNG in benchmarks/results/
+    python benchmarks/early_exit.py --tasks demo --epochs 1 --rounds 2   # a quick look
+    python benchmarks/early_exit.py --quick --out /tmp/early_exit.json   # smoke run: tiny model, seconds
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from common import (
     interleaved_times,
     load_minilm,
     machine_info,
+    paired_ratio,
     print_table,
     quick,
     write_json,
@@ -158,11 +165,16 @@ def time_rules(
     med = {n: statistics.median(t) for n, t in times.items()}
     out = {}
     for n in rules:
+        # Per-round speed-up full / rule: both ran in the same round, so a load change hits both; the
+        # target counts as met when the round ratios' lower quartile (q1) reaches it.
+        per_round = paired_ratio(times["full"], times[n])
         out[n] = {
             "median_s": med[n],
             "iqr_s": q[n][2] - q[n][0],
             "speedup": med["full"] / med[n],
+            "speedup_rounds": per_round,
             "speedup_conservative": q["full"][0] / q[n][2],
+            "samples_s": times[n],
         }
     return out
 
@@ -252,17 +264,22 @@ def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
     }
 
 
+def _ratio(r: dict[str, float]) -> str:
+    return f"{r['median']:.2f} ({r['q1']:.2f}-{r['q3']:.2f})"
+
+
 def report(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Print a table; return the configs meeting the target at batch 32 (conservative speed-up)."""
+    """Print a table; return the rules meeting the target at batch 32: the per-round speed-up's lower
+    quartile >= 1.5 at <= 1 point of accuracy below the full model."""
     full = result["full_acc"]
     print(f"\n{result['task']}: full model acc {full:.4f}; exits {[round(a, 3) for a in result['exit_acc']]}")
     print(f"head cost: {result['head_cost']}")
     rows, met = [], []
     for name, r in result["rules"].items():
         drop = 100 * (full - r["acc"])
-        ok = r["b32"]["speedup_conservative"] >= 1.5 and drop <= 1.0
+        ok = r["b32"]["speedup_rounds"]["q1"] >= 1.5 and drop <= 1.0
         if ok:
-            met.append({"rule": name, "acc_drop_points": drop, "speedup_b32": r["b32"]["speedup"]})
+            met.append({"rule": name, "acc_drop_points": drop, "speedup_b32": r["b32"]["speedup_rounds"]})
         rows.append(
             [
                 name,
@@ -270,8 +287,8 @@ def report(result: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{drop:+.2f}",
                 f"{r['layers_fraction']:.3f}",
                 f"{r['anchor_slowest_sample_layers_fraction_b32']:.3f}",
-                f"{r['b32']['speedup']:.2f} ({r['b32']['speedup_conservative']:.2f})",
-                f"{r['b1']['speedup']:.2f} ({r['b1']['speedup_conservative']:.2f})",
+                _ratio(r["b32"]["speedup_rounds"]),
+                _ratio(r["b1"]["speedup_rounds"]),
                 "yes" if ok else "",
             ]
         )
@@ -282,8 +299,8 @@ def report(result: dict[str, Any]) -> list[dict[str, Any]]:
             "drop pts",
             "layers",
             "anchor b32",
-            "speedup b32 (cons.)",
-            "speedup b1 (cons.)",
+            "speedup b32 (IQR)",
+            "speedup b1 (IQR)",
             "target",
         ],
         rows,
@@ -325,8 +342,8 @@ def main() -> None:
     parser.add_argument("--tasks", default="demo,fortunes")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--time-batches", type=int, default=4, help="validation batches of 32 timed")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--time-batches", type=int, default=8, help="validation batches of 32 timed")
     parser.add_argument("--batch1", type=int, default=32, help="samples timed at batch size 1")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/early_exit.json)")
@@ -350,7 +367,7 @@ def main() -> None:
     payload = {
         "machine": machine_info(),
         "settings": vars(args),
-        "target": "batch 32: speed-up >= 1.5x (conservative: full Q1 / dynamic Q3) at <= 1 point acc. loss",
+        "target": "batch 32: per-round speed-up >= 1.5x over the whole IQR (q1) at <= 1 point acc. loss",
         "target_met_by": met,
         "results": results,
     }
