@@ -21,18 +21,22 @@ Zero-shot: the pattern and verbalizer without training (no seed dependence). No 
 MLM head ships offline here (all-MiniLM-L6-v2 is a sentence-embedding encoder without one), so the grid is
 causal-LM only.
 
-The README grid, fixed before running: both tasks, 5 seeds (0-4), 30 steps of batch 8, 200 validation
-examples, one process per task (one thread each), in two phases::
+The README grid, fixed before running: both tasks, 30 steps of batch 8, 200 validation examples, one process
+per task (one thread each), in two phases (from the repository root)::
 
     # phase 1: the claim (head vs prompt), LoRA and full fine-tuning, 16 and 32 shots
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/few_shot.py --tasks demo_sentiment --seeds 0 1 2 3 4 \
         --methods zero_shot head_lora head_full prompt_lora prompt_full \
         --out benchmarks/results/few_shot_demo_sentiment.json
-    # phase 2: demonstrations and PET ensembles, 16 shots (appended to the same file)
+    # phase 2: demonstrations and PET ensembles, 16 shots (appended to the same file); LoRA 5 seeds,
+    # full fine-tuning 3 seeds (a PET ensemble trains four full copies of the model: CPU time)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/few_shot.py --tasks demo_sentiment --seeds 0 1 2 3 4 \
-        --shots 16 --methods demos_lora pet_lora demos_full pet_full --resume \
+        --shots 16 --methods demos_lora pet_lora --resume \
         --out benchmarks/results/few_shot_demo_sentiment.json
-    # the same two commands with --tasks stdlib_topic and few_shot_stdlib_topic.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/few_shot.py --tasks demo_sentiment --seeds 0 1 2 \
+        --shots 16 --methods demos_full pet_full --resume \
+        --out benchmarks/results/few_shot_demo_sentiment.json
+    # the same three commands with --tasks stdlib_topic and few_shot_stdlib_topic.json
 
 Other invocations::
 

@@ -124,6 +124,144 @@ def train_step_table(data: Json) -> str:
     return "\n".join(lines)
 
 
+def _speedup(r: Json) -> str:
+    q = r["speedup_rounds"]
+    return f"{q['median']:.2f}x ({q['q1']:.2f}-{q['q3']:.2f})"
+
+
+def early_exit_table(data: Json) -> str:
+    """Every rule of the sweep of one ``early_exit_<task>.json``: accuracy and its drop, fraction of blocks
+    run (ours, and the anchors' wait-for-the-slowest-sample at batch 32), per-round speed-ups with their
+    quartiles at batch 32 and 1, and the target's verdict (lower quartile >= 1.5x at <= 1 point)."""
+    (res,) = data["results"]
+    full = res["full_acc"]
+    lines = [
+        f"| rule ({res['task']}: full model {100 * full:.1f}%) | acc | drop (points) | layers | slowest | "
+        "speed-up b32 (IQR) | speed-up b1 (IQR) | target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in res["rules"].items():
+        drop = 100 * (full - r["acc"])
+        q1 = r["b32"]["speedup_rounds"]["q1"]
+        verdict = "met" if q1 >= 1.5 and drop <= 1.0 else ""
+        row = [
+            name.replace("=", " "),
+            f"{100 * r['acc']:.1f}",
+            f"{drop:+.1f}",
+            f"{r['layers_fraction']:.2f}",
+            f"{r['anchor_slowest_sample_layers_fraction_b32']:.2f}",
+            _speedup(r["b32"]),
+            _speedup(r["b1"]),
+            verdict,
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    head = res["head_cost"]
+    lines += [
+        "",
+        f"Exit accuracy by layer: {', '.join(f'{100 * a:.1f}' for a in res['exit_acc'])}; "
+        "one exit head costs "
+        f"{head['head_over_block']:.1%} of one block ({head['head_ms']:.2f} vs {head['block_ms']:.1f} ms).",
+    ]
+    return "\n".join(lines)
+
+
+FEW_SHOT_METHODS = {
+    "zero_shot": "zero-shot: pattern + verbalizer, no training",
+    "head_lora": "head fine-tuning, LoRA",
+    "head_full": "head fine-tuning, full",
+    "prompt_lora": "prompt-based (PET loss), LoRA",
+    "prompt_full": "prompt-based (PET loss), full",
+    "demos_lora": "prompt-based + LM-BFF demonstrations, LoRA",
+    "demos_full": "prompt-based + LM-BFF demonstrations, full",
+    "pet_lora": "PET: 3 patterns, ensemble distilled, LoRA",
+    "pet_full": "PET: 3 patterns, ensemble distilled, full",
+}
+
+
+def _cell(accs: list[float]) -> str:
+    if not accs:
+        return "not run"
+    mean = 100 * statistics.mean(accs)
+    std = 100 * statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return f"{mean:.1f} ± {std:.1f} (n={len(accs)})"
+
+
+def few_shot_table(data: Json) -> str:
+    """One task of ``few_shot_<task>.json``: accuracy mean ± std over seeds per method and shots per class
+    (every method of the grid, "not run" where the JSON has no run), then prompt-based minus head
+    fine-tuning per seed (the LM-BFF claim) and the PET ensembles' own accuracy."""
+    runs = data["runs"]
+    shots = sorted({r["shots"] for r in runs})
+    lines = [
+        "| method | " + " | ".join(f"{k} per class" for k in shots) + " |",
+        "|---|" + "---|" * len(shots),
+    ]
+    for method, label in FEW_SHOT_METHODS.items():
+        accs = {k: [r["acc"] for r in runs if r["method"] == method and r["shots"] == k] for k in shots}
+        if method == "zero_shot":
+            cells = [_cell(accs[shots[0]])] + ["(same)"] * (len(shots) - 1)
+        else:
+            cells = [_cell(accs[k]) for k in shots]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for k in shots:
+        for tuning in ("lora", "full"):
+            by_seed = {
+                m: {r["seed"]: r["acc"] for r in runs if r["method"] == f"{m}_{tuning}" and r["shots"] == k}
+                for m in ("prompt", "head")
+            }
+            seeds = sorted(set(by_seed["prompt"]) & set(by_seed["head"]))
+            if not seeds:
+                continue
+            diffs = [100 * (by_seed["prompt"][s] - by_seed["head"][s]) for s in seeds]
+            lines.append(
+                f"- {k} per class, {tuning}: prompt-based minus head {statistics.mean(diffs):+.1f} points "
+                f"(per seed {min(diffs):+.1f} to {max(diffs):+.1f}, {len(seeds)} seeds)"
+            )
+    for tuning in ("lora", "full"):
+        ens = [r["ensemble_acc"] for r in runs if r["method"] == f"pet_{tuning}"]
+        if ens:
+            lines.append(f"- PET {tuning}: the 3-pattern ensemble itself {_cell(ens)}")
+    return "\n".join(lines)
+
+
+def attention_quality_table(data: Json) -> str:
+    """Every variant of ``attention_quality.json`` (perplexity right after the swap and after recovery, or
+    the error), then the long-context rows."""
+    steps = data["settings"]["steps"]
+    lines = [
+        f"| variant | right after the swap | after {steps} recovery steps |",
+        "|---|---|---|",
+    ]
+    for r in data["rows"]:
+        name = r["variant"]
+        if name == "sliding_window":
+            keys = data["sliding_window_keys_per_query"]
+            name += f" (window {r['options']['window']}: the previous {keys} keys)"
+        elif name == "shipped":
+            name += " (control, same recovery)"
+        if "error" in r:
+            lines.append(f"| {name} | **failed**: {r['error'][:80]} | |")
+            continue
+        lines.append(f"| {name} | {r['ppl_swapped']:.1f} | {r['ppl_recovered']:.1f} |")
+    contexts = data.get("contexts") or []
+    if contexts:
+        lines += [
+            "",
+            "| context | shipped | sliding window, half the context per query | ratio |",
+            "|---|---|---|---|",
+        ]
+        for n in sorted({r["context"] for r in contexts}):
+            by = {r.get("variant"): r for r in contexts if r["context"] == n}
+            if None in by or any("error" in r for r in by.values()):
+                errs = "; ".join(r["error"] for r in by.values() if "error" in r)
+                lines.append(f"| {_length(n)} | **failed**: {errs[:80]} | | |")
+                continue
+            a, b = by["shipped"]["ppl"], by["sliding_window"]["ppl"]
+            lines.append(f"| {_length(n)} | {a:.2f} | {b:.2f} | {b / a:.3f} |")
+    return "\n".join(lines)
+
+
 NAMES = {
     "full": "full fine-tuning",
     "lora": "lightning-peft LoRA r=8 q,v",
@@ -142,6 +280,11 @@ REGIONS: dict[str, tuple[str, Callable[[Json], str]]] = {
     "attention-table": ("attention_scaling.json", attention_table),
     "attention-competitors-table": ("attention_competitors.json", attention_table),
     "train-step-table": ("train_step.json", train_step_table),
+    "early-exit-demo-table": ("early_exit_demo.json", early_exit_table),
+    "few-shot-demo-table": ("few_shot_demo_sentiment.json", few_shot_table),
+    "few-shot-stdlib-table": ("few_shot_stdlib_topic.json", few_shot_table),
+    "attention-quality-table": ("attention_quality.json", attention_quality_table),
+    "early-exit-fortunes-table": ("early_exit_fortunes.json", early_exit_table),
 }
 
 
