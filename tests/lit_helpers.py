@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.conftest import tiny_model
+from tests.models import tiny_model
 
 
 class TinyClassifier(L.LightningModule):

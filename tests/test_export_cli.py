@@ -17,8 +17,8 @@ import lightning_peft as lp
 from lightning_peft.callbacks import PEFT
 from lightning_peft.cli import main
 from lightning_peft.export_cli import CheckpointFileError, read_checkpoint
-from tests.conftest import tiny_model
 from tests.lit_helpers import TinyClassifier, tiny_loader, trainer
+from tests.models import tiny_model
 
 peft = pytest.importorskip("peft")
 

@@ -10,7 +10,7 @@ from lightning_peft import named
 from lightning_peft.multitask import parallel_adapters, run_parallel, run_sequential
 from lightning_peft.tuners.adapterdrop import drop_lowest
 from lightning_peft.tuners.fusion import add_fusion
-from tests.conftest import VOCAB, tiny_model
+from tests.models import VOCAB, tiny_model
 
 SIZES = {"sst": 2, "nli": 1, "qa": 3}
 

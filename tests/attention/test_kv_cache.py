@@ -23,7 +23,7 @@ from lightning_peft.attention import (
     get_attention,
     swap_attention,
 )
-from tests.conftest import TINY_CONFIGS, VOCAB
+from tests.models import TINY_CONFIGS, VOCAB
 
 H, D, MAXLEN = 2, 8, 64
 WINDOW = 8

@@ -25,7 +25,7 @@ from transformers import (
 
 from lightning_peft.attention import get_attention
 from lightning_peft.attention.swap import INTERFACE_KEY, key_padding_from_mask, swap_attention, swapped
-from tests.conftest import unregistered_model
+from tests.models import unregistered_model
 
 V5 = int(transformers.__version__.split(".")[0]) >= 5
 FAMILIES = ["bert", "roberta", "gpt2", "llama"]

@@ -29,8 +29,8 @@ from lightning_peft.callbacks import PEFT
 from lightning_peft.callbacks.adapter_checkpoint import META_KEY
 from lightning_peft.callbacks.strategies import check_no_tensor_parallel, shard_new_adapters
 from tests.callbacks.fsdp2_train import RESUME_STEPS, TRAIN_STEPS, Record, lora
-from tests.conftest import tiny_model
 from tests.lit_helpers import TinyClassifier, tiny_loader, trainer
+from tests.models import tiny_model
 
 BLOCKS = ["backbone.encoder.layer.0", "backbone.encoder.layer.1"]
 

@@ -18,8 +18,8 @@ import lightning_peft as lp
 from lightning_peft.callbacks import PEFT
 from lightning_peft.callbacks.adapter_checkpoint import META_KEY
 from lightning_peft.tuners.prefix import PrefixTuningConfig
-from tests.conftest import TINY_CONFIGS, VOCAB
 from tests.lit_helpers import trainer
+from tests.models import TINY_CONFIGS, VOCAB
 from tests.resume import ResumedFrom
 from tests.tuners.test_prefix_t5 import T5_ROUTES
 

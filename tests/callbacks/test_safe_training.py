@@ -13,8 +13,8 @@ import lightning_peft as lp
 from lightning_peft.callbacks import PEFT
 from lightning_peft.callbacks.peft import guard_gradient_checkpointing
 from lightning_peft.tuners.lora import LoRALinear
-from tests.conftest import tiny_model
 from tests.lit_helpers import TinyClassifier, tiny_loader, trainer
+from tests.models import tiny_model
 
 
 def lora() -> lp.LoRAConfig:

@@ -11,8 +11,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import lightning_peft as lp
 from lightning_peft.callbacks import PEFT
 from lightning_peft.layers import META_KEY
-from tests.conftest import first_output, model_inputs, perturb_trainable, tiny_model
 from tests.lit_helpers import TinyClassifier, tiny_loader, trainer
+from tests.models import first_output, model_inputs, perturb_trainable, tiny_model
 
 DROPOUT_CONFIGS = {
     "lora": lambda: lp.LoRAConfig(dropout=0.5),

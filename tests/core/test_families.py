@@ -7,7 +7,7 @@ import torch
 
 import lightning_peft as lp
 from lightning_peft.tuners.bottleneck import AdapterAfter
-from tests.conftest import first_output, model_inputs, perturb_trainable, tiny_model
+from tests.models import first_output, model_inputs, perturb_trainable, tiny_model
 
 FAMILIES = ["bert", "roberta", "distilbert", "gpt2", "llama", "t5"]
 BLOCKS = {"bert": 2, "roberta": 2, "distilbert": 2, "gpt2": 2, "llama": 2, "t5": 4}  # t5: encoder + decoder

@@ -8,7 +8,7 @@ import torch
 
 import lightning_peft as lp
 from lightning_peft.fingerprint import base_fingerprint, check_base, compare_fingerprints
-from tests.conftest import tiny_model
+from tests.models import tiny_model
 
 
 def test_same_base_agrees_and_tuner_tensors_are_left_out() -> None:

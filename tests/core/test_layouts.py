@@ -25,7 +25,7 @@ from lightning_peft.layouts import (
 from lightning_peft.layouts import base as layout_registry
 from lightning_peft.targeting import linear_types
 from lightning_peft.tuners.adapterdrop import set_adapter_drop
-from tests.conftest import VOCAB, perturb_trainable, unregistered_model
+from tests.models import VOCAB, perturb_trainable, unregistered_model
 
 _BASE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 _SEQ2SEQ = dict(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, decoder_start_token_id=0)

@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import lightning_peft as lp
 from lightning_peft.callbacks import PEFT
 from lightning_peft.stack import TunerStack
-from tests.conftest import first_output, model_inputs, perturb_trainable, routes_through_interface, tiny_model
 from tests.lit_helpers import TinyClassifier, tiny_loader, trainer
+from tests.models import first_output, model_inputs, perturb_trainable, routes_through_interface, tiny_model
 
 PAIRS: dict[str, list] = {
     "lora+bitfit": [lp.LoRAConfig(r=4), lp.BitFitConfig()],

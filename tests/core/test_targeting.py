@@ -8,7 +8,7 @@ from torch import nn
 
 import lightning_peft as lp
 from lightning_peft.targeting import block_index, find_modules
-from tests.conftest import tiny_model
+from tests.models import tiny_model
 
 
 def test_suffix_list_regex_and_exact_names(bert: nn.Module) -> None:

@@ -17,7 +17,7 @@ from lightning_peft.api import CONFIG_ATTR
 from lightning_peft.attention.swap import routes_through_interface
 from lightning_peft.layers import STATE_ATTR, TRAINABLE_ATTR, Adapter, HookOwner
 from lightning_peft.tuners.kadapter import KAdapterConfig, add_kadapter
-from tests.conftest import first_output, model_inputs, perturb_trainable, tiny_model
+from tests.models import first_output, model_inputs, perturb_trainable, tiny_model
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
 

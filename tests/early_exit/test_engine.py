@@ -12,7 +12,7 @@ from transformers import AutoModel
 
 import lightning_peft as lp
 from lightning_peft.early_exit import exit_logits, hidden_states, predict
-from tests.early_exit.conftest import DEPTH, FAMILIES, encoder, padded_batch, with_exits
+from tests.early_exit.helpers import DEPTH, FAMILIES, encoder, padded_batch, with_exits
 
 
 def oracle(cfg: lp.EarlyExitConfig, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

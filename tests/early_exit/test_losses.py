@@ -7,7 +7,7 @@ import torch
 
 import lightning_peft as lp
 from lightning_peft.early_exit import exit_weights, training_loss
-from tests.early_exit.conftest import DEPTH, encoder, padded_batch
+from tests.early_exit.helpers import DEPTH, encoder, padded_batch
 
 
 def _model(**cfg: object) -> torch.nn.Module:

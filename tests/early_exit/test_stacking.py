@@ -10,8 +10,8 @@ import torch
 import lightning_peft as lp
 from lightning_peft.attention import swap_attention
 from lightning_peft.early_exit import exit_logits, hidden_states, predict
-from tests.conftest import needs_interface, perturb_trainable
-from tests.early_exit.conftest import DEPTH, encoder, padded_batch
+from tests.early_exit.helpers import DEPTH, encoder, padded_batch
+from tests.models import needs_interface, perturb_trainable
 
 TUNERS = {
     "lora": lambda: lp.LoRAConfig(r=4, target_modules=["query", "value"]),

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 import lightning_peft as lp
 from lightning_peft.export import export_peft, import_peft
-from tests.conftest import TINY_CONFIGS, VOCAB, first_output, model_inputs, perturb_trainable, tiny_model
+from tests.models import TINY_CONFIGS, VOCAB, first_output, model_inputs, perturb_trainable, tiny_model
 
 peft = pytest.importorskip("peft")
 

@@ -13,7 +13,7 @@ from transformers import AutoModel
 import lightning_peft as lp
 from lightning_peft.export import export_merged
 from lightning_peft.tuners.lora import LoRALinear
-from tests.conftest import first_output, model_inputs, perturb_trainable, tiny_model
+from tests.models import first_output, model_inputs, perturb_trainable, tiny_model
 
 
 def _out(model: nn.Module, family: str) -> torch.Tensor:

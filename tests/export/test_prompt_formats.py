@@ -18,7 +18,7 @@ from lightning_peft.export import export_peft, import_peft
 from lightning_peft.tuners.prefix import PrefixTuningConfig
 from lightning_peft.tuners.prompt import PromptTuningConfig
 from lightning_peft.tuners.ptuning import PTuningConfig
-from tests.conftest import TINY_CONFIGS, VOCAB, model_inputs, perturb_trainable, tiny_model
+from tests.models import TINY_CONFIGS, VOCAB, model_inputs, perturb_trainable, tiny_model
 from tests.tuners.test_prompt import padded_inputs, t5_inputs, tiny_gpt2_lm, tiny_t5_lm
 
 peft = pytest.importorskip("peft")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_peft.prompting import PromptScorer, Template, Verbalizer, lm_kind
-from tests.prompting.conftest import tiny_lm
+from tests.prompting.helpers import tiny_lm
 
 TEXTS = ["The plot was dull.", "I loved the soundtrack, it was superb!"]
 
@@ -141,7 +141,7 @@ def test_scores_under_prompt_tuning_read_shifted_positions(bert_tokenizer, tiny_
 
 
 def test_lm_kind_refuses_bare_encoders() -> None:
-    from tests.conftest import tiny_model
+    from tests.models import tiny_model
 
     with pytest.raises(ValueError, match="no language-model head"):
         lm_kind(tiny_model("bert"))

@@ -17,7 +17,7 @@ from lightning_peft.callbacks import PEFT
 from lightning_peft.callbacks.adapter_checkpoint import META_KEY
 from lightning_peft.export import export_merged
 from lightning_peft.tasks import CausalLM, SFTData
-from tests.tasks.conftest import TINY_CAUSAL
+from tests.tasks.helpers import TINY_CAUSAL
 
 
 def _trainer(tmp_path: Path, callbacks: list, **kw: Any) -> L.Trainer:

@@ -9,7 +9,7 @@ import torch
 
 from lightning_peft.tasks import HashTokenizer, PadCollator, TextClassificationData
 from lightning_peft.tasks.data import infer_label_names, label_key, read_records
-from tests.tasks.conftest import TINY_VOCAB, write_rows
+from tests.tasks.helpers import TINY_VOCAB, write_rows
 
 ROWS = [
     {"review": "A great phone.", "sentiment": "pos"},

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_peft.tasks import LastCheckpoint, TextClassificationData, TextClassifier
-from tests.tasks.conftest import TINY_VOCAB
+from tests.tasks.helpers import TINY_VOCAB
 
 
 class SavedSteps(Callback):

@@ -11,7 +11,7 @@ import torch
 
 from lightning_peft.tasks.data import DEMO_TRAIN, DEMO_VAL
 from lightning_peft.tasks.multitask_prompt import MultiTaskPromptData, MultiTaskPromptLM
-from tests.prompting.conftest import build_bpe_tokenizer
+from tests.prompting.helpers import build_bpe_tokenizer
 
 LABELS = ["negative", "positive"]
 

@@ -16,7 +16,7 @@ from lightning_peft.prompting.mlm import mask_tokens
 from lightning_peft.tasks.pretrained import load_tokenizer
 from lightning_peft.tasks.prompt_classifier import PromptClassifier
 from lightning_peft.tasks.prompt_data import PromptData
-from tests.prompting.conftest import build_bpe_tokenizer
+from tests.prompting.helpers import build_bpe_tokenizer
 
 BERT = {
     "model_type": "bert",

@@ -12,7 +12,7 @@ from lightning_peft.tasks import SFTData
 from lightning_peft.tasks.chat_format import IGNORE_INDEX, encode_chat, read_chat_jsonl
 from lightning_peft.tasks.sft_data import LengthGroupedSampler, SFTCollator
 from lightning_peft.tasks.stdlib_docs import QUESTION, TRAIN_FILE, VAL_FILE
-from tests.tasks.conftest import write_chat
+from tests.tasks.helpers import write_chat
 
 
 def test_long_responses_are_truncated_with_a_count(tmp_path: Path) -> None:

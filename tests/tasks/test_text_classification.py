@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_peft.tasks import TextClassificationData, TextClassifier
-from tests.tasks.conftest import TINY_VOCAB, write_rows
+from tests.tasks.helpers import TINY_VOCAB, write_rows
 
 POSITIVE = [
     "good film",

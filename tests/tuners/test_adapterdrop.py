@@ -20,8 +20,8 @@ from lightning_peft.tuners.adapterdrop import (
     drop_lowest,
     set_adapter_drop,
 )
-from tests.conftest import first_output, model_inputs, perturb_trainable, tiny_model
 from tests.lit_helpers import TinyClassifier, tiny_loader, trainer
+from tests.models import first_output, model_inputs, perturb_trainable, tiny_model
 from tests.resume import ResumedFrom
 
 

@@ -14,7 +14,7 @@ from lightning_peft.tuners.compacter import (
     PHMLinear,
     kron_sum,
 )
-from tests.conftest import first_output, model_inputs, perturb_trainable, tiny_model
+from tests.models import first_output, model_inputs, perturb_trainable, tiny_model
 
 
 @pytest.mark.parametrize("rank", [1, 2, None])

@@ -10,7 +10,7 @@ import torch
 import lightning_peft as lp
 from lightning_peft.config import available_tuners, get_tuner_config
 from lightning_peft.layers import Mergeable
-from tests.conftest import (
+from tests.models import (
     first_output,
     model_inputs,
     perturb_trainable,

@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModel
 
 import lightning_peft as lp
 from lightning_peft.config import config_from_dict
-from tests.conftest import tiny_model
+from tests.models import tiny_model
 
 
 @pytest.mark.parametrize(

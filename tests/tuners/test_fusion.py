@@ -10,7 +10,7 @@ import torch
 import lightning_peft as lp
 from lightning_peft import named
 from lightning_peft.tuners.fusion import AdapterFusion, FusionConfig, fusion_weights, plot_fusion_weights
-from tests.conftest import first_output, model_inputs, tiny_model
+from tests.models import first_output, model_inputs, tiny_model
 
 PFEIFFER = lp.BottleneckConfig(style="pfeiffer")
 

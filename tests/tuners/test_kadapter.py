@@ -23,8 +23,8 @@ from lightning_peft.tuners.kadapter import (
     list_kadapters,
     train_kadapter,
 )
-from tests.conftest import model_inputs, perturb_trainable, tiny_model
 from tests.lit_helpers import TinyClassifier, tiny_loader, trainer
+from tests.models import model_inputs, perturb_trainable, tiny_model
 from tests.resume import ResumedFrom
 
 H = 32

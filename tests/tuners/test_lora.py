@@ -11,7 +11,7 @@ from torch import nn
 
 import lightning_peft as lp
 from lightning_peft.tuners.lora import LoRAEmbedding, LoRALinear
-from tests.conftest import first_output, model_inputs, perturb_trainable, tiny_model
+from tests.models import first_output, model_inputs, perturb_trainable, tiny_model
 
 peft = pytest.importorskip("peft")
 

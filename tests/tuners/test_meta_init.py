@@ -32,7 +32,7 @@ import lightning_peft as lp
 from lightning_peft.config import TunerConfig, available_tuners
 from lightning_peft.tuners.bitfit import record_original_biases
 from lightning_peft.tuners.lora import LoRALinear
-from tests.conftest import (
+from tests.models import (
     TINY_CONFIGS,
     VOCAB,
     first_output,

@@ -11,7 +11,7 @@ import lightning_peft as lp
 from lightning_peft import named
 from lightning_peft.tuners.bottleneck import AdapterAfter
 from lightning_peft.tuners.compacter import CompacterPlusPlusConfig
-from tests.conftest import first_output, model_inputs, tiny_model
+from tests.models import first_output, model_inputs, tiny_model
 
 PFEIFFER = lp.BottleneckConfig(style="pfeiffer")
 HOULSBY = lp.BottleneckConfig(style="houlsby", reduction_factor=8)

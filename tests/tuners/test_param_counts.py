@@ -15,7 +15,7 @@ import lightning_peft as lp
 from lightning_peft.tuners.compacter import CompacterConfig, CompacterPlusPlusConfig
 from lightning_peft.tuners.prefix import PrefixTuningConfig
 from lightning_peft.tuners.unified import UnifiedConfig
-from tests.conftest import needs_interface
+from tests.models import needs_interface
 
 BERT_BASE_TOTAL = 109_482_240
 

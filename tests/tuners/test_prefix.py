@@ -10,7 +10,7 @@ from transformers import AutoConfig, BertConfig, BertModel, LlamaForCausalLM
 import lightning_peft as lp
 from lightning_peft.attention import swap_attention
 from lightning_peft.tuners.prefix import PrefixTuningConfig, fold_prefix
-from tests.conftest import (
+from tests.models import (
     TINY_CONFIGS,
     VOCAB,
     first_output,

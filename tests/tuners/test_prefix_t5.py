@@ -18,7 +18,7 @@ import lightning_peft as lp
 from lightning_peft.export import export_peft, import_peft
 from lightning_peft.export.prompt import peft_seq2seq_prefix_slots
 from lightning_peft.tuners.prefix import PrefixTuningConfig, _prefix_position_bias
-from tests.conftest import TINY_CONFIGS, VOCAB, perturb_trainable
+from tests.models import TINY_CONFIGS, VOCAB, perturb_trainable
 
 peft = pytest.importorskip("peft")
 # transformers < 5 computes T5 attention inline (no AttentionInterface): prefix tuning refuses T5 there.
@@ -207,7 +207,7 @@ def test_bad_sites_are_refused() -> None:
     with pytest.raises(ValueError, match="twice"):
         PrefixTuningConfig(sites=["cross", "cross"])
     with pytest.raises(ValueError, match="applies to encoder-decoder models"):
-        from tests.conftest import tiny_model
+        from tests.models import tiny_model
 
         lp.inject(tiny_model("bert"), PrefixTuningConfig(sites=["cross"]))
 

@@ -11,7 +11,7 @@ from transformers import AutoConfig, BertTokenizer, GPT2LMHeadModel, T5ForCondit
 
 import lightning_peft as lp
 from lightning_peft.tuners.prompt import PromptTuningConfig
-from tests.conftest import TINY_CONFIGS, VOCAB, model_inputs, tiny_model
+from tests.models import TINY_CONFIGS, VOCAB, model_inputs, tiny_model
 
 peft = pytest.importorskip("peft")
 

@@ -8,7 +8,7 @@ import torch
 
 import lightning_peft as lp
 from lightning_peft.tuners.ptuning import PTuningConfig
-from tests.conftest import model_inputs, perturb_trainable, tiny_model
+from tests.models import model_inputs, perturb_trainable, tiny_model
 from tests.tuners.test_prompt import padded_inputs, t5_inputs, tiny_gpt2_lm, tiny_t5_lm
 
 peft = pytest.importorskip("peft")

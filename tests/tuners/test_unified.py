@@ -10,7 +10,7 @@ from transformers import BertConfig, BertModel
 import lightning_peft as lp
 from lightning_peft.tuners.prefix import PrefixTuningConfig
 from lightning_peft.tuners.unified import UnifiedConfig
-from tests.conftest import (
+from tests.models import (
     first_output,
     model_inputs,
     needs_interface,
