@@ -80,7 +80,7 @@ def perturb_trainable(model: torch.nn.Module, seed: int = 123, scale: float = 0.
 def routes_through_interface(family: str) -> bool:
     """Whether this transformers runs ``family``'s attention through ``AttentionInterface`` (5.x does for
     every tiny family; 4.57 not for BERT or T5): prefix keys enter there, so prefix tuning needs it."""
-    from lightning_peft.attention.swap import routes_through_interface
+    from lightning_peft.attention.interface import routes_through_interface
 
     layer = next(m for m in tiny_model(family).modules() if "Attention" in type(m).__name__)
     return routes_through_interface(layer)

@@ -42,14 +42,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_peft.attention.base import available_attention, get_attention
-from lightning_peft.attention.swap import (
+from lightning_peft.attention.interface import (
     key_padding_from_mask,
     padding_mask_function,
     repeat_kv,
     routes_through_interface,
-    swapped,
     variant_attention,
 )
+from lightning_peft.attention.swap import swapped
 from lightning_peft.config import TunerConfig, check_choice, check_positive, register_tuner
 from lightning_peft.layers import OwnsHooks, like, mark
 from lightning_peft.layouts import find_stacks

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModel
 
 import lightning_peft as lp
 from lightning_peft.attention import swap_attention
-from lightning_peft.attention.swap import routes_through_interface
+from lightning_peft.attention.interface import routes_through_interface
 from lightning_peft.layouts import (
     BLOCK_PARTS,
     BlockLayout,

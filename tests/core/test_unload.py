@@ -14,7 +14,7 @@ from torch import nn
 
 import lightning_peft as lp
 from lightning_peft.api import CONFIG_ATTR
-from lightning_peft.attention.swap import routes_through_interface
+from lightning_peft.attention.interface import routes_through_interface
 from lightning_peft.layers import STATE_ATTR, TRAINABLE_ATTR, Adapter, HookOwner
 from lightning_peft.tuners.kadapter import KAdapterConfig, add_kadapter
 from tests.models import first_output, model_inputs, perturb_trainable, tiny_model
