@@ -23,7 +23,14 @@ from lightning_peft.attention.interface import (
 if TYPE_CHECKING:
     from lightning_peft.tuners.prefix import PrefixEncoder
 
-__all__ = ["LAYER_ATTR", "PREFIX_KEY", "Site", "prefix_attention", "register_prefix_attention"]
+__all__ = [
+    "LAYER_ATTR",
+    "PREFIX_KEY",
+    "Site",
+    "prefix_attention",
+    "prefix_position_bias",
+    "register_prefix_attention",
+]
 
 PREFIX_KEY = "lightning_peft_prefix"
 LAYER_ATTR = "_lp_prefix"
@@ -42,7 +49,7 @@ class Site:
     bias_owner: nn.Module | None = None
 
 
-def _prefix_position_bias(site: Site, heads: int, tq: int, tk: int, like: Tensor) -> Tensor:
+def prefix_position_bias(site: Site, heads: int, tq: int, tk: int, like: Tensor) -> Tensor:
     """``(1, H, Tq, l)`` relative position bias of the prefix keys (zeros without a bias table).
 
     The real tokens sit at positions ``l, l+1, ...`` and the prefix at ``0 .. l-1`` (``shift_positions``);
@@ -113,7 +120,7 @@ def prefix_attention(
         bias = position_bias.to(query.dtype)
         if active:
             assert site is not None
-            extra = _prefix_position_bias(site, query.shape[1], tq, tk_real, bias)
+            extra = prefix_position_bias(site, query.shape[1], tq, tk_real, bias)
             bias = torch.cat([extra.expand(bias.shape[0], -1, -1, -1), bias], dim=-1)
         attn_mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
     out = F.scaled_dot_product_attention(

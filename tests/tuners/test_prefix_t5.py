@@ -17,7 +17,8 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 import lightning_peft as lp
 from lightning_peft.export import export_peft, import_peft
 from lightning_peft.export.prompt import peft_seq2seq_prefix_slots
-from lightning_peft.tuners.prefix import PrefixTuningConfig, _prefix_position_bias
+from lightning_peft.tuners.prefix import PrefixTuningConfig
+from lightning_peft.tuners.prefix_attention import prefix_position_bias
 from tests.models import TINY_CONFIGS, VOCAB, perturb_trainable
 
 peft = pytest.importorskip("peft")
@@ -107,7 +108,7 @@ def test_even_layer_count_matches_peft_when_shared_slots_agree() -> None:
 
 @needs_routing
 @pytest.mark.parametrize("stack", ["encoder", "decoder"])
-def test_prefix_position_bias_is_t5s_bias_in_the_shifted_frame(stack: str) -> None:
+def testprefix_position_bias_is_t5s_bias_in_the_shifted_frame(stack: str) -> None:
     model = prefixed(sites=["encoder_self", "decoder_self"], n=5)
     layer = getattr(model, stack).block[1].layer[0].SelfAttention
     site = layer.__dict__["_lp_prefix"]
@@ -115,11 +116,11 @@ def test_prefix_position_bias_is_t5s_bias_in_the_shifted_frame(stack: str) -> No
     assert site.bias_owner is owner and site.causal == (stack == "decoder")
     tq, tk, n = 3, 7, 5  # decoder: 3 queries at the end of 7 cached keys; encoder: tq == tk
     tq = tk if stack == "encoder" else tq
-    ours = _prefix_position_bias(site, 2, tq, tk, torch.zeros(1))
+    ours = prefix_position_bias(site, 2, tq, tk, torch.zeros(1))
     full = owner.compute_bias(tq, n + tk, past_seen_tokens=n + tk - tq)  # real tokens start at n
     torch.testing.assert_close(ours, full[..., :n])
     site.encoder.shift_positions = False
-    assert torch.count_nonzero(_prefix_position_bias(site, 2, tq, tk, torch.zeros(1))) == 0
+    assert torch.count_nonzero(prefix_position_bias(site, 2, tq, tk, torch.zeros(1))) == 0
 
 
 @needs_routing
