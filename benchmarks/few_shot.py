@@ -17,8 +17,10 @@ the most similar 50% (MiniLM embeddings) of the training set, fresh per step; ``
 at inference. PET ensemble (``pet_*``): the task's three patterns, one model each (same tuner, same
 steps), their averaged logits label 128 unlabeled pool rows, and the first pattern's fresh model distills
 them (KL, T=2, times T^2); ``acc`` is the distilled model's, ``ensemble_acc`` the three patterns' average.
-Zero-shot: the pattern and verbalizer without training (no seed dependence). No pretrained masked LM with its
-MLM head ships offline here (all-MiniLM-L6-v2 is a sentence-embedding encoder without one), so the grid is
+Zero-shot: the pattern and verbalizer without training (no seed dependence). Probe (a control added
+after the first runs showed head fine-tuning near chance): logistic regression on the frozen model's
+mean-pooled states of the same draw, i.e. a converged head without fine-tuning. No pretrained masked LM with
+its MLM head ships offline here (all-MiniLM-L6-v2 is a sentence-embedding encoder without one), so the grid is
 causal-LM only.
 
 The README grid, fixed before running: both tasks, 30 steps of batch 8, 200 validation examples, one process
@@ -37,6 +39,7 @@ per task (one thread each), in two phases (from the repository root)::
         --shots 16 --methods demos_full pet_full --resume \
         --out benchmarks/results/few_shot_demo_sentiment.json
     # the same three commands with --tasks stdlib_topic and few_shot_stdlib_topic.json
+    # the control, both tasks (appended): --seeds 0 1 2 3 4 --methods probe --resume
 
 Other invocations::
 
@@ -253,6 +256,38 @@ def run_head(
     return correct / len(val)
 
 
+@torch.no_grad()
+def run_probe(path: str, train: list[dict], val: list[dict], args: argparse.Namespace, seed: int) -> float:
+    """The converged frozen-body head: scikit-learn's ``LogisticRegression`` (C=1) on the mean-pooled last
+    hidden states of the same training draw. A control for head fine-tuning, whose new head may not have
+    converged in ``--steps`` steps: what a head on the frozen model reaches when it has."""
+    from sklearn.linear_model import LogisticRegression
+
+    torch.manual_seed(seed)
+    model = TextClassifier(**model_source(path, tokenizer=False), num_labels=2, pooling="mean").eval()
+    tok = load_lm_tokenizer(path)
+
+    def features(rows: list[dict]) -> torch.Tensor:
+        out = []
+        for start in range(0, len(rows), args.eval_batch):
+            chunk = rows[start : start + args.eval_batch]
+            enc = tok(
+                [ex["slots"]["text"] for ex in chunk],
+                padding=True,
+                truncation=True,
+                max_length=128,
+                return_tensors="pt",
+            )
+            hidden = model.backbone(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            out.append(model.pool(hidden.last_hidden_state, enc["attention_mask"]))
+        return torch.cat(out).float()
+
+    clf = LogisticRegression(C=1.0, max_iter=5000)
+    clf.fit(features(train).numpy(), [ex["label"] for ex in train])
+    pred = clf.predict(features(val).numpy())
+    return float((torch.tensor(pred) == torch.tensor([ex["label"] for ex in val])).float().mean())
+
+
 def run_pet_ensemble(
     path: str,
     task: dict,
@@ -405,6 +440,8 @@ def main() -> None:
                     extra: dict[str, Any] = {}
                     if method == "zero_shot":
                         acc = run_prompt(path, task, train, val, None, args, seed)
+                    elif method == "probe":
+                        acc = run_probe(path, train, val, args, seed)
                     elif kind == "pet":
                         extra = run_pet_ensemble(path, task, pool, val, names, shots, tuning, args, seed)
                         acc = extra.pop("acc")

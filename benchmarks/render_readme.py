@@ -177,6 +177,7 @@ FEW_SHOT_METHODS = {
     "zero_shot": "zero-shot: pattern + verbalizer, no training",
     "head_lora": "head fine-tuning, LoRA",
     "head_full": "head fine-tuning, full",
+    "probe": "control: logistic regression on the frozen model's pooled states",
     "prompt_lora": "prompt-based (PET loss), LoRA",
     "prompt_full": "prompt-based (PET loss), full",
     "demos_lora": "prompt-based + LM-BFF demonstrations, LoRA",
