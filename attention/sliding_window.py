@@ -16,6 +16,12 @@ and returns what the full forward returns at those positions. Global tokens cann
 cache (``global_mask`` covers the new tokens only, and a cached global token would have to have seen the
 future).
 
+Attention sinks (``sink_tokens=s``; Xiao et al. 2024, "Efficient Streaming Language Models with Attention
+Sinks", StreamingLLM): the first ``s`` real tokens of each sequence stay visible to every later query, as
+extra keys outside the band (never counted twice). Pretrained decoders put much of their attention mass on
+the first tokens; a plain window takes those away from every query past it, which is what costs a swapped
+pretrained model most of its perplexity. With a KV cache the sinks are kept with the cached keys.
+
 Memory is O(n * window): nothing of size n x n exists, masks included. The sequence is cut into blocks
 of ``window // 2`` queries; each block attends to a band of three key blocks (its own and both neighbours)
 plus the global keys, in one batched call to PyTorch's fused SDPA kernel with a small per-block mask.
@@ -40,6 +46,7 @@ __all__ = [
     "gather_tokens",
     "global_query_rows",
     "select_tokens",
+    "sink_mask",
 ]
 
 
@@ -84,6 +91,11 @@ def extra_keys(
         ev = torch.cat([ev, gather_tokens(v[:, :, P:], idx)], dim=2)
         valid, pos = torch.cat([valid, gvalid], 1), torch.cat([pos, idx], 1)
     return ek, ev, valid, pos
+
+
+def sink_mask(key_valid: Tensor, sink_tokens: int) -> Tensor:
+    """``(B, T)`` bool: the first ``sink_tokens`` real (valid) keys of each row (left padding skipped)."""
+    return key_valid & (key_valid.cumsum(1) <= sink_tokens)
 
 
 def _blocks(x: Tensor, block: int, nb: int) -> Tensor:
@@ -198,6 +210,8 @@ class SlidingWindowAttention(AttentionVariant):
     Args:
         window: total window span, even; each query sees ``window // 2`` keys on each side (default 512).
         dilation: one int for all heads or one per head (default 1: no dilation).
+        sink_tokens: the first ``sink_tokens`` real tokens stay visible to every query (StreamingLLM's
+            attention sinks; 4 in the paper; default 0: none).
 
     Example::
 
@@ -217,6 +231,7 @@ class SlidingWindowAttention(AttentionVariant):
         max_length: int | None = None,
         window: int = 512,
         dilation: int | Sequence[int] | None = None,
+        sink_tokens: int = 0,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, max_length=max_length)
         if window < 2 or window % 2:
@@ -227,12 +242,15 @@ class SlidingWindowAttention(AttentionVariant):
         dil = [dil] * num_heads if isinstance(dil, int) else list(dil)
         if len(dil) != num_heads or any(d < 1 for d in dil):
             raise ValueError(f"dilation must be a positive int or {num_heads} positive ints, got {dilation}")
+        if not isinstance(sink_tokens, int) or sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
         self.window = window
         self.dilation = dil
+        self.sink_tokens = sink_tokens
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, window={self.window}, " + (
-            f"dilation={self.dilation}"
+            f"dilation={self.dilation}" + (f", sink_tokens={self.sink_tokens}" if self.sink_tokens else "")
         )
 
     def attend(
@@ -248,28 +266,47 @@ class SlidingWindowAttention(AttentionVariant):
         global_mask: Tensor | None,
         num_cached: int,
     ) -> Tensor:
-        B, H, T, _ = q.shape
+        B, _, T, _ = q.shape
         P = num_prefix
         key_valid = (
             torch.ones(B, k.shape[2], dtype=torch.bool, device=q.device)
             if key_padding_mask is None
             else key_padding_mask
         )
+        sinks = sink_mask(key_valid[:, P:], self.sink_tokens) if self.sink_tokens else None
         if num_cached:
             if global_mask is not None:
                 raise ValueError(
                     "sliding_window: global tokens (global_mask) cannot be combined with a KV cache; run the "
                     "whole sequence at once (use_cache=False) or drop global_mask"
                 )
-            return self._with_cache(q, k, v, key_valid, causal, scale, P, num_cached)
+            return self._with_cache(q, k, v, key_valid, causal, scale, P, num_cached, sinks)
         if global_mask is not None:
             if global_mask.shape != (B, T) or global_mask.dtype != torch.bool:
                 raise ValueError(
                     f"global_mask must be bool (B, T) = ({B}, {T}), got {tuple(global_mask.shape)}"
                 )
             global_mask = global_mask & key_valid[:, P:]
-        extra = extra_keys(k, v, key_valid, P, global_mask)
-        band_valid = key_valid[:, P:] if global_mask is None else key_valid[:, P:] & ~global_mask
+        return self._attend(q, k, v, key_valid, causal, scale, P, global_mask, sinks)
+
+    def _attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        key_valid: Tensor,
+        causal: bool,
+        scale: float,
+        num_prefix: int,
+        global_mask: Tensor | None,
+        sinks: Tensor | None,
+    ) -> Tensor:
+        """No cache: the band, plus the extra keys every query sees (prefix keys, global tokens and
+        sinks, ``(B, T)`` masks over the non-prefix keys), plus full rows for global queries."""
+        H, P = q.shape[1], num_prefix
+        seen = global_mask if sinks is None else sinks if global_mask is None else global_mask | sinks
+        extra = extra_keys(k, v, key_valid, P, seen)
+        band_valid = key_valid[:, P:] if seen is None else key_valid[:, P:] & ~seen
         kk, vv = k[:, :, P:], v[:, :, P:]
         outs, order = [], []
         for d in sorted(set(self.dilation)):  # one pass per distinct dilation, over the heads that use it
@@ -296,32 +333,33 @@ class SlidingWindowAttention(AttentionVariant):
         scale: float,
         num_prefix: int,
         num_cached: int,
+        sinks: Tensor | None,
     ) -> Tensor:
         """Queries at tokens ``num_cached ..``: attend on the stretch of keys their windows can reach.
 
         The cached keys farther back than one window (times the largest dilation) are dropped; placeholder
         queries stand in for the kept cached tokens, so the stretch is an ordinary sequence whose last ``Tq``
         tokens are the queries. Relative offsets, and hence windows and dilation classes, are unchanged.
+        Sinks among the dropped keys join the prefix keys (earlier than every query: always visible); sinks
+        in the stretch stay sinks there.
         """
         B, H, _, D = q.shape
         P = num_prefix
         keep = min(num_cached, max(self.dilation) * (self.window // 2))  # cached keys a window can reach
         first = P + num_cached - keep  # index of the first kept cached key
-        ks = torch.cat([k[:, :, :P], k[:, :, first:]], dim=2)  # (B, H, P + keep + T, D)
-        vs = torch.cat([v[:, :, :P], v[:, :, first:]], dim=2)
-        valid = torch.cat([key_valid[:, :P], key_valid[:, first:]], dim=1)  # (B, P + keep + T)
+        parts_k, parts_v, parts_valid = [k[:, :, :P]], [v[:, :, :P]], [key_valid[:, :P]]
+        if sinks is not None:
+            idx, svalid = select_tokens(sinks[:, : first - P])  # (B, S) sinks among the dropped keys
+            parts_k.append(gather_tokens(k[:, :, P:], idx))
+            parts_v.append(gather_tokens(v[:, :, P:], idx))
+            parts_valid.append(svalid)
+            sinks = sinks[:, first - P :]  # (B, keep + T): sinks in the stretch
+        ks = torch.cat([*parts_k, k[:, :, first:]], dim=2)  # (B, H, P' + keep + T, D)
+        vs = torch.cat([*parts_v, v[:, :, first:]], dim=2)
+        valid = torch.cat([*parts_valid, key_valid[:, first:]], dim=1)  # (B, P' + keep + T)
         qs = torch.cat([q.new_zeros(B, H, keep, D), q], dim=2)  # (B, H, keep + T, D): placeholders first
-        out = self.attend(
-            qs,
-            ks,
-            vs,
-            key_padding_mask=valid,
-            causal=causal,
-            scale=scale,
-            num_prefix=P,
-            global_mask=None,
-            num_cached=0,
-        )
+        num_extra = ks.shape[2] - keep - q.shape[2]  # the prefix keys and the dropped sinks
+        out = self._attend(qs, ks, vs, valid, causal, scale, num_extra, None, sinks)
         return out[:, :, keep:]  # (B, H, T, D)
 
     def _dilated(

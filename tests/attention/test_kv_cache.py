@@ -45,6 +45,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
 # Further settings of the cached variants whose positions matter: dilation, the synthesised-logit modes.
 EXTRA_CASES = [
     ("sliding_window", {"window": WINDOW, "dilation": [1, 2]}),
+    ("sliding_window", {"window": WINDOW, "sink_tokens": 2}),
+    ("sliding_window", {"window": WINDOW, "dilation": [1, 2], "sink_tokens": 4}),
     ("synthesizer", {"mode": "random"}),
     ("synthesizer", {"mode": "factorized_random"}),
 ]
@@ -161,7 +163,10 @@ def prompt(length: int) -> dict[str, Tensor]:
 
 
 FAMILIES = ["gpt2", "llama"]
-MODEL_CASES = [n for n in CACHED] + [("sliding_window", {"window": WINDOW, "dilation": [1, 2]})]
+MODEL_CASES = [n for n in CACHED] + [
+    ("sliding_window", {"window": WINDOW, "dilation": [1, 2]}),
+    ("sliding_window", {"window": WINDOW, "sink_tokens": 2}),
+]
 
 
 def model_case(case: str | tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:

@@ -142,8 +142,44 @@ def test_no_tensor_grows_like_n_squared(dilation: int, largest_tensor) -> None:
     assert probe.largest <= 8 * n * window, f"largest tensor has {probe.largest} elements (n*n = {n * n})"
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("num_prefix", [0, 2])
+@pytest.mark.parametrize("dilation", [[1, 1], [1, 3]])
+def test_sink_tokens_match_the_explicit_mask(
+    causal: bool, num_prefix: int, dilation: list[int], qkv_factory
+) -> None:
+    """StreamingLLM's sinks: the first ``s`` real tokens (after left padding) are keys every query sees."""
+    T, window, sinks = 29, 6, 3
+    q, k, v = qkv_factory(2, 2, T, 8, num_prefix=num_prefix, dtype=torch.float64)
+    kpm = torch.ones(2, T + num_prefix, dtype=torch.bool)
+    kpm[1, num_prefix : num_prefix + 4] = False  # row 1: four left-padding tokens, its sinks are tokens 4-6
+    first_real = torch.zeros(2, T, dtype=torch.bool)
+    first_real[0, :sinks], first_real[1, 4 : 4 + sinks] = True, True
+    attn = build_attention(
+        "sliding_window", num_heads=2, head_dim=8, window=window, dilation=dilation, sink_tokens=sinks
+    )
+    out = attn(q, k, v, key_padding_mask=kpm, causal=causal, num_prefix=num_prefix)
+    # The oracle: the window, plus the sink keys for every query (causal: only those not after it).
+    P, diff = num_prefix, torch.arange(T)[None, :] - torch.arange(T)[:, None]  # key - query
+    outs = []
+    for h, d in enumerate(dilation):
+        allowed = ((diff.abs() <= d * (window // 2)) & (diff % d == 0))[None] | first_real[:, None, :]
+        if causal:
+            allowed = allowed & (diff <= 0)
+        allowed = torch.cat([torch.ones(2, T, P, dtype=torch.bool), allowed], 2) & kpm[:, None, :]
+        scores = q[:, h] @ k[:, h].transpose(-1, -2) / 8**0.5
+        outs.append(scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v[:, h])
+    ref = torch.stack(outs, 1)
+    torch.testing.assert_close(out[0], ref[0])
+    torch.testing.assert_close(out[1, :, 4:], ref[1, :, 4:])  # padded queries: whatever
+    plain = build_attention("sliding_window", num_heads=2, head_dim=8, window=window, dilation=dilation)
+    assert not torch.allclose(out[0], plain(q, k, v, key_padding_mask=kpm, causal=causal, num_prefix=P)[0])
+
+
 def test_bad_windows_are_refused() -> None:
     with pytest.raises(ValueError, match="even"):
         build_attention("sliding_window", num_heads=2, head_dim=8, window=5)
     with pytest.raises(ValueError, match="dilation"):
         build_attention("sliding_window", num_heads=2, head_dim=8, dilation=[1, 2, 3])
+    with pytest.raises(ValueError, match="sink_tokens must be an int >= 0"):
+        build_attention("sliding_window", num_heads=2, head_dim=8, sink_tokens=-1)
