@@ -10,8 +10,10 @@ Text: the Python reference documentation that ships with CPython (``pydoc_data.t
 and code), split by topic: topics whose name hashes into the first 80 % train, the rest are held out.
 Sequences are ``--length`` tokens; sliding window gets ``window=length``, a total span (Longformer's
 ``attention_window``) of which a causal query sees the previous half: ``length / 2`` keys, half the context.
-Long contexts (``--contexts``, 2K/4K/8K; SmolLM2's positions reach 8192): the shipped model and sliding window
-(again half the context per query) right after the swap, on the same ``--context-tokens`` held-out tokens.
+Sliding window runs twice: plain, and with StreamingLLM's 4 attention sinks (``sink_tokens=4``: the first 4
+tokens stay visible to every query; Xiao et al. 2024). Long contexts (``--contexts``, 2K/4K/8K; SmolLM2's
+positions reach 8192): the shipped model and both sliding windows (half the context per query) right after
+the swap, on the same ``--context-tokens`` held-out tokens.
 Everything is fixed before running; every variant is reported, including failures.
 
     python benchmarks/attention_quality.py                 # JSON + PNG in benchmarks/results/
@@ -86,13 +88,18 @@ def recover(model: torch.nn.Module, train: torch.Tensor, steps: int, batch: int,
         opt.zero_grad()
 
 
+SINKS = 4  # StreamingLLM's attention sinks (Xiao et al. 2024 use 4)
+
+
 def variants(length: int) -> dict[str, dict[str, Any]]:
-    """Every causal-capable registered variant with its options (shipped model first)."""
+    """Every causal-capable registered variant with its options (shipped model first), and sliding window
+    again with attention sinks (row name ``sliding_window+sinks``)."""
     options = {"sliding_window": {"window": length}}
     chosen: dict[str, dict[str, Any]] = {"shipped": {}}
     for name in available_attention():
         if get_attention(name).capabilities.causal:
             chosen[name] = options.get(name, {})
+    chosen["sliding_window+sinks"] = {"window": length, "sink_tokens": SINKS}
     return chosen
 
 
@@ -100,6 +107,7 @@ def run_one(base: torch.nn.Module, name: str, opts: dict, data: tuple, args: arg
     """Perplexity after the swap and after recovery for one variant; errors are recorded, not raised."""
     train, held_out = data
     row: dict[str, Any] = {"variant": name, "options": opts}
+    name = name.split("+")[0]  # "sliding_window+sinks": the registered variant, with its options
     start = time.perf_counter()
     try:
         model = copy.deepcopy(base)
@@ -133,14 +141,14 @@ def context_rows(base: torch.nn.Module, tokenizer: Any, args: argparse.Namespace
             continue
         chunks = token_chunks(tokenizer, length)[1]
         chunks = chunks[: max(1, args.context_tokens // length)]
-        for name in ("shipped", "sliding_window"):
+        for name, sinks in (("shipped", 0), ("sliding_window", 0), ("sliding_window+sinks", SINKS)):
             row: dict[str, Any] = {"context": length, "variant": name, "sequences": len(chunks)}
             start = time.perf_counter()
             try:
                 model = copy.deepcopy(base)
                 if name != "shipped":
-                    swap_attention(model, name, window=length)
-                    row["keys_per_query"] = length // 2
+                    swap_attention(model, "sliding_window", window=length, sink_tokens=sinks)
+                    row["keys_per_query"] = length // 2 + sinks
                 row["ppl"] = perplexity(model, chunks, 1)
                 del model
             except Exception as err:  # report every measurement, including failures (memory)

@@ -244,9 +244,11 @@ def attention_quality_table(data: Json) -> str:
     ]
     for r in data["rows"]:
         name = r["variant"]
-        if name == "sliding_window":
+        if name.startswith("sliding_window"):
             keys = data.get("sliding_window_keys_per_query", r["options"]["window"] // 2)
-            name += f" (window {r['options']['window']}: the previous {keys} keys)"
+            sinks = r["options"].get("sink_tokens", 0)
+            name += f" (window {r['options']['window']}: the previous {keys} keys"
+            name += f" + the first {sinks} tokens)" if sinks else ")"
         elif name == "shipped":
             name += " (control, same recovery)"
         if "error" in r:
@@ -255,19 +257,24 @@ def attention_quality_table(data: Json) -> str:
         lines.append(f"| {name} | {r['ppl_swapped']:.1f} | {r['ppl_recovered']:.1f} |")
     contexts = data.get("contexts") or []
     if contexts:
-        lines += [
-            "",
-            "| context | shipped | sliding window, half the context per query | ratio |",
-            "|---|---|---|---|",
-        ]
+        found = {r.get("variant") for r in contexts}
+        names = [n for n in ("sliding_window", "sliding_window+sinks") if n in found]
+        label = {"sliding_window": "sliding window", "sliding_window+sinks": "sliding window + 4 sinks"}
+        head = "| context | shipped | " + " | ".join(f"{label[n]} (/ shipped)" for n in names) + " |"
+        lines += ["", head, "|---|---|" + "---|" * len(names)]
         for n in sorted({r["context"] for r in contexts}):
             by = {r.get("variant"): r for r in contexts if r["context"] == n}
-            if None in by or any("error" in r for r in by.values()):
-                errs = "; ".join(r["error"] for r in by.values() if "error" in r)
-                lines.append(f"| {_length(n)} | **failed**: {errs[:80]} | | |")
-                continue
-            a, b = by["shipped"]["ppl"], by["sliding_window"]["ppl"]
-            lines.append(f"| {_length(n)} | {a:.2f} | {b:.2f} | {b / a:.3f} |")
+            shipped = by.get("shipped", {}).get("ppl")
+            cells = []
+            for name in ["shipped", *names]:
+                r = by.get(name)
+                if r is None or "error" in r:
+                    cells.append("**failed**" + (f": {r['error'][:60]}" if r else ""))
+                elif name == "shipped" or not shipped:
+                    cells.append(f"{r['ppl']:.2f}")
+                else:
+                    cells.append(f"{r['ppl']:.2f} ({r['ppl'] / shipped:.3f})")
+            lines.append(f"| {_length(n)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
