@@ -413,7 +413,31 @@ def _attention(d: Json) -> list[str]:
     return [] if diff is None else [f"differ by at most {diff:.0e}"]
 
 
+def _pct_over(a: float, b: float) -> str:
+    return f"{100 * (a / b - 1):+.1f}%"
+
+
+def _attention_quality(d: Json) -> list[str]:
+    rows = {r["variant"]: r for r in d["rows"]}
+    base, plain, sinks = rows["shipped"], rows["sliding_window"], rows["sliding_window+sinks"]
+    length = d["settings"]["length"]
+    ctx = {(r["context"], r["variant"]): r["ppl"] for r in d["contexts"] if "ppl" in r}
+    lengths = sorted({n for n, _ in ctx})
+
+    def over(variant: str) -> str:
+        return " / ".join(_pct_over(ctx[n, variant], ctx[n, "shipped"]) for n in lengths)
+
+    return [
+        f"({_pct_over(plain['ppl_recovered'], base['ppl_recovered'])} at {length} tokens)",
+        f"{_pct_over(sinks['ppl_swapped'], base['ppl_swapped'])} right after the swap and "
+        f"{_pct_over(sinks['ppl_recovered'], base['ppl_recovered'])} after recovery at {length} tokens",
+        f"{over('sliding_window+sinks')} at {'/'.join(_length(n) for n in lengths)} without any training "
+        f"(plain window: {over('sliding_window')})",
+    ]
+
+
 FIGURES: dict[str, Callable[[Json], list[str]]] = {
+    "attention_quality.json": _attention_quality,
     "ddp_step.json": _ddp,
     "prompt_family.json": _prompt_family,
     "prompt_family_prompt.json": _prompt_only,
