@@ -10,36 +10,42 @@ Protocol (fixed before running): for each task, shots per class and seed, the tr
 ``--steps`` AdamW steps of batch ``--batch-size`` (linear decay, no warmup) from the same pretrained weights
 and is evaluated on the same ``--eval-size`` validation examples. Learning rates: full fine-tuning 2e-5,
 LoRA (r=8, alpha=16, q_proj/v_proj) 5e-4; the new head of head fine-tuning gets 1e-3 in both (at 2e-5 a
-fresh head barely moves in this many steps). Head fine-tuning: mean-pooled last hidden state + linear head
-(``TextClassifier``). Prompt-based: ``PromptClassifier`` with PET's loss (CE over the verbalizer's class
-scores, ``"pet"`` aggregation, single-token label words). Demonstrations: LM-BFF's one per class drawn from
-the most similar 50% (MiniLM embeddings) of the training set, fresh per step; ``--demo-sets`` sets averaged
-at inference. PET ensemble (``pet_*``): the task's three patterns, one model each (same tuner, same
-steps), their averaged logits label 128 unlabeled pool rows, and the first pattern's fresh model distills
-them (KL, T=2, times T^2); ``acc`` is the distilled model's, ``ensemble_acc`` the three patterns' average.
-Zero-shot: the pattern and verbalizer without training (no seed dependence). Probe (a control added
-after the first runs showed head fine-tuning near chance): logistic regression on the frozen model's
-mean-pooled states of the same draw, i.e. a converged head without fine-tuning. No pretrained masked LM with
+fresh head barely moves in this many steps). Head fine-tuning (``head_*``): the last real token's final hidden
+state (what Hugging Face's GPT-2 / Llama sequence classifiers pool) + a linear head (``TextClassifier``);
+``headmean_*``: the same with mean pooling, the first baseline of this grid, which left the head near chance
+on sentiment (a decoder's mean-pooled states are dominated by the first tokens' very large activations).
+Prompt-based: ``PromptClassifier`` with PET's loss (CE over the verbalizer's class scores, ``"pet"``
+aggregation, single-token label words). Demonstrations: LM-BFF's one per class drawn from the most similar
+50% (MiniLM embeddings) of the training set, fresh per step; ``--demo-sets`` sets averaged at inference. PET
+ensemble (``pet_*``): the task's three patterns, one model each (same tuner, same steps), their averaged
+logits label 128 unlabeled pool rows, and the first pattern's fresh model distills them (KL, T=2, times
+T^2); ``acc`` is the distilled model's, ``ensemble_acc`` the three patterns' average. Zero-shot: the pattern
+and verbalizer without training (no seed dependence). Probe: logistic regression on the frozen model's
+last-token states of the same draw, i.e. a converged head without fine-tuning. No pretrained masked LM with
 its MLM head ships offline here (all-MiniLM-L6-v2 is a sentence-embedding encoder without one), so the grid is
 causal-LM only.
 
-The README grid, fixed before running: both tasks, 30 steps of batch 8, 200 validation examples, one process
-per task (one thread each), in two phases (from the repository root)::
+The README grid: both tasks, 30 steps of batch 8, up to 200 validation examples (the stdlib task has 132),
+one process per task, one thread each, from the repository root. It first ran phase 1 below with mean-pooled
+heads (those runs are kept as ``headmean_*``); after the pooling finding the order became, per task (each
+command appends with ``--resume``; what the CPU time allowed is what the JSON holds, the README marks the
+rest "not run")::
 
-    # phase 1: the claim (head vs prompt), LoRA and full fine-tuning, 16 and 32 shots
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/few_shot.py --tasks demo_sentiment --seeds 0 1 2 3 4 \
-        --methods zero_shot head_lora head_full prompt_lora prompt_full \
-        --out benchmarks/results/few_shot_demo_sentiment.json
-    # phase 2: demonstrations and PET ensembles, 16 shots (appended to the same file); LoRA 5 seeds,
-    # full fine-tuning 3 seeds (a PET ensemble trains four full copies of the model: CPU time)
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/few_shot.py --tasks demo_sentiment --seeds 0 1 2 3 4 \
-        --shots 16 --methods demos_lora pet_lora --resume \
-        --out benchmarks/results/few_shot_demo_sentiment.json
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/few_shot.py --tasks demo_sentiment --seeds 0 1 2 \
-        --shots 16 --methods demos_full pet_full --resume \
-        --out benchmarks/results/few_shot_demo_sentiment.json
-    # the same three commands with --tasks stdlib_topic and few_shot_stdlib_topic.json
-    # the control, both tasks (appended): --seeds 0 1 2 3 4 --methods probe --resume
+    T=demo_sentiment; OUT=benchmarks/results/few_shot_$T.json; export OMP_NUM_THREADS=1
+    # phase 1 as first run (16 and 32 shots, 5 seeds; its head runs renamed headmean_*)
+    .venv/bin/python benchmarks/few_shot.py --tasks $T --seeds 0 1 2 3 4 \
+        --methods zero_shot head_lora head_full prompt_lora prompt_full --out $OUT
+    # then: 16 shots, the claim with the last-token head and the probe control
+    .venv/bin/python benchmarks/few_shot.py --tasks $T --seeds 0 1 2 3 4 --shots 16 --resume --out $OUT \
+        --methods probe prompt_lora prompt_full head_lora head_full
+    # demonstrations and PET ensembles with LoRA, 3 seeds
+    .venv/bin/python benchmarks/few_shot.py --tasks $T --seeds 0 1 2 --shots 16 --resume --out $OUT \
+        --methods demos_lora pet_lora
+    # 32 shots with the last-token head; then full fine-tuning of demonstrations and PET
+    .venv/bin/python benchmarks/few_shot.py --tasks $T --seeds 0 1 2 3 4 --shots 32 --resume --out $OUT \
+        --methods probe prompt_lora prompt_full head_lora head_full
+    .venv/bin/python benchmarks/few_shot.py --tasks $T --seeds 0 1 2 --shots 16 --resume --out $OUT \
+        --methods demos_full pet_full
 
 Other invocations::
 
@@ -218,10 +224,18 @@ def evaluate_prompt(model: PromptClassifier, val: list[dict], args: argparse.Nam
 
 
 def run_head(
-    path: str, train: list[dict], val: list[dict], tuning: str, args: argparse.Namespace, seed: int
+    path: str,
+    train: list[dict],
+    val: list[dict],
+    tuning: str,
+    args: argparse.Namespace,
+    seed: int,
+    pooling: str = "last",
 ) -> float:
+    """Head fine-tuning: the last real token's state (what Hugging Face's decoder classifiers pool; the
+    ``headmean_*`` methods mean-pool instead) + a new linear head."""
     torch.manual_seed(seed)
-    model = TextClassifier(**model_source(path, tokenizer=False), num_labels=2, pooling="mean", dropout=0.1)
+    model = TextClassifier(**model_source(path, tokenizer=False), num_labels=2, pooling=pooling, dropout=0.1)
     tok = load_lm_tokenizer(path)
     if tuning == "lora":
         lp.inject(model, lora(["q_proj", "v_proj"], save=["classifier"]))
@@ -258,13 +272,13 @@ def run_head(
 
 @torch.no_grad()
 def run_probe(path: str, train: list[dict], val: list[dict], args: argparse.Namespace, seed: int) -> float:
-    """The converged frozen-body head: scikit-learn's ``LogisticRegression`` (C=1) on the mean-pooled last
-    hidden states of the same training draw. A control for head fine-tuning, whose new head may not have
-    converged in ``--steps`` steps: what a head on the frozen model reaches when it has."""
+    """The converged frozen-body head: scikit-learn's ``LogisticRegression`` (C=1) on the last real token's
+    final hidden state, for the same training draw. A control for head fine-tuning, whose new head may not
+    have converged in ``--steps`` steps: what a head on the frozen model reaches when it has."""
     from sklearn.linear_model import LogisticRegression
 
     torch.manual_seed(seed)
-    model = TextClassifier(**model_source(path, tokenizer=False), num_labels=2, pooling="mean").eval()
+    model = TextClassifier(**model_source(path, tokenizer=False), num_labels=2, pooling="last").eval()
     tok = load_lm_tokenizer(path)
 
     def features(rows: list[dict]) -> torch.Tensor:
@@ -445,8 +459,9 @@ def main() -> None:
                     elif kind == "pet":
                         extra = run_pet_ensemble(path, task, pool, val, names, shots, tuning, args, seed)
                         acc = extra.pop("acc")
-                    elif kind == "head":
-                        acc = run_head(path, train, val, tuning, args, seed)
+                    elif kind in ("head", "headmean"):
+                        pooling = "mean" if kind == "headmean" else "last"
+                        acc = run_head(path, train, val, tuning, args, seed, pooling)
                     else:
                         acc = run_prompt(path, task, train, val, tuning, args, seed, demos=kind == "demos")
                     runs.append(

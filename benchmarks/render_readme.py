@@ -175,9 +175,11 @@ def early_exit_table(data: Json) -> str:
 
 FEW_SHOT_METHODS = {
     "zero_shot": "zero-shot: pattern + verbalizer, no training",
-    "head_lora": "head fine-tuning, LoRA",
-    "head_full": "head fine-tuning, full",
-    "probe": "control: logistic regression on the frozen model's pooled states",
+    "probe": "control: logistic regression on the frozen model's last-token states",
+    "headmean_lora": "head fine-tuning, mean pooling, LoRA",
+    "headmean_full": "head fine-tuning, mean pooling, full",
+    "head_lora": "head fine-tuning, last-token pooling, LoRA",
+    "head_full": "head fine-tuning, last-token pooling, full",
     "prompt_lora": "prompt-based (PET loss), LoRA",
     "prompt_full": "prompt-based (PET loss), full",
     "demos_lora": "prompt-based + LM-BFF demonstrations, LoRA",

@@ -177,7 +177,7 @@ CASES = [
         "pooling max",
         lambda d: TextClassifier(config=BERT, pooling="max"),
         ValueError,
-        ("pooling must be 'cls' or 'mean'",),
+        ("pooling must be 'auto', 'cls', 'mean' or 'last'",),
     ),
     Case(
         "one label",

@@ -23,7 +23,7 @@ from lightning_peft.tasks.exits import (
 from lightning_peft.tasks.optim import adamw_linear_warmup
 from lightning_peft.tasks.pretrained import encoder_from_config, load_encoder, resolve_pretrained_path
 
-Pooling = Literal["cls", "mean"]
+Pooling = Literal["auto", "cls", "mean", "last"]
 
 
 def _split_metrics(num_labels: int) -> nn.ModuleDict:
@@ -40,6 +40,19 @@ def _split_metrics(num_labels: int) -> nn.ModuleDict:
             "f1": MulticlassF1Score(num_labels, average="macro"),
         }
     )
+
+
+def _causal_pooling(backbone: nn.Module) -> str:
+    """``"last"`` for a decoder-only backbone (every block stack causal, from the layout registry; else the
+    config's ``is_decoder``), ``"mean"`` otherwise (encoders, encoder-decoders)."""
+    from lightning_peft.layouts import find_stacks
+
+    try:
+        stacks = find_stacks(backbone)
+        causal = bool(stacks) and all(stack.causal for stack in stacks)
+    except ValueError:  # a family without a registered layout
+        causal = bool(getattr(backbone.config, "is_decoder", False))
+    return "last" if causal else "mean"
 
 
 class TextClassifier(L.LightningModule):
@@ -82,7 +95,12 @@ class TextClassifier(L.LightningModule):
         weight_decay: AdamW weight decay for matrices (biases and norm weights get none).
         warmup_ratio: Share of the total steps spent warming up linearly from 0, then decaying linearly to 0.
         pooling: ``"mean"`` (mask-aware average of token states; right for sentence-embedding models such as
-            MiniLM) or ``"cls"`` (the first token's state).
+            MiniLM), ``"cls"`` (the first token's state), ``"last"`` (the last real token's state: in a causal
+            decoder the only one that has seen the whole input, as Hugging Face's GPT-2 / Llama
+            ``*ForSequenceClassification`` pool), or ``"auto"`` (default): ``"last"`` when the backbone's
+            self-attention is causal (GPT-2, Llama, Mistral, Qwen2, ...), ``"mean"`` otherwise. Mean pooling
+            over a pretrained decoder's states is dominated by the first tokens' very large activations and
+            leaves a new head near chance.
         dropout: Dropout on the pooled vector before the head.
         exit_timing: With exit heads, time the full and the dynamic model on every evaluation batch and
             log the speed-up (two extra passes per batch).
@@ -96,14 +114,14 @@ class TextClassifier(L.LightningModule):
         learning_rate: float = 1e-3,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.06,
-        pooling: Pooling = "mean",
+        pooling: Pooling = "auto",
         dropout: float = 0.1,
         exit_timing: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling must be 'cls' or 'mean'; got {pooling!r}")
+        if pooling not in ("auto", "cls", "mean", "last"):
+            raise ValueError(f"pooling must be 'auto', 'cls', 'mean' or 'last'; got {pooling!r}")
         if num_labels < 2:
             raise ValueError(f"num_labels must be >= 2; got {num_labels}")
         if not 0.0 <= warmup_ratio < 1.0:
@@ -119,7 +137,7 @@ class TextClassifier(L.LightningModule):
             # `from_pretrained` returns eval mode, and Lightning >= 2.2 keeps module modes as they are, so the
             # backbone's dropout would silently stay off during training.
             self.backbone.train()
-        self.pooling = pooling
+        self.pooling = _causal_pooling(self.backbone) if pooling == "auto" else pooling
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.backbone.config.hidden_size, num_labels)
         # Accuracy is the fraction of correct predictions (micro). torchmetrics' default, "macro", is the
@@ -153,7 +171,7 @@ class TextClassifier(L.LightningModule):
         return self.classifier(self.dropout(self.pool(hidden, attention_mask)))  # (B, C)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``(B, T, H)`` token states -> ``(B, H)`` by CLS or mask-aware mean pooling."""
+        """``(B, T, H)`` token states -> ``(B, H)`` by CLS, mask-aware mean or last-real-token pooling."""
         if self.pooling == "cls":
             return hidden[:, 0]
         extra = hidden.shape[1] - attention_mask.shape[1]
@@ -161,6 +179,10 @@ class TextClassifier(L.LightningModule):
             attention_mask = torch.cat(
                 [attention_mask.new_ones(attention_mask.shape[0], extra), attention_mask], 1
             )
+        if self.pooling == "last":  # the last position whose mask is 1 (right or left padding alike)
+            T = attention_mask.shape[1]
+            last = T - 1 - attention_mask.flip(1).to(torch.long).argmax(1)  # (B,)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 

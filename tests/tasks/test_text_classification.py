@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_peft.tasks import TextClassificationData, TextClassifier
-from tests.tasks.helpers import TINY_VOCAB, write_rows
+from tests.tasks.helpers import TINY_CAUSAL, TINY_VOCAB, write_rows
 
 POSITIVE = [
     "good film",
@@ -125,6 +125,33 @@ def test_mean_pooling_ignores_padding_and_cls_takes_first_token(tiny_config: dic
         assert torch.equal(model.pool(hidden, torch.ones(2, 3)), hidden[:, 0])
 
 
+def test_last_pooling_takes_the_last_real_token_with_either_padding_side() -> None:
+    model = TextClassifier(config=TINY_CAUSAL["llama"]).eval()
+    assert model.pooling == "last"  # "auto" on a causal decoder
+    hidden = torch.randn(3, 4, 5)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1], [1, 1, 1, 1]])  # right padding, left padding, none
+    torch.testing.assert_close(
+        model.pool(hidden, mask), torch.stack([hidden[0, 2], hidden[1, 3], hidden[2, 3]])
+    )
+    # A decoder's last real token is what a padded batch and the unpadded sequence agree on.
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        alone = model(ids, torch.ones_like(ids))
+        right = model(torch.tensor([[5, 6, 7, 8, 0, 0]]), torch.tensor([[1, 1, 1, 1, 0, 0]]))
+    torch.testing.assert_close(alone, right, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "expected"), [("bert", "mean"), ("gpt2", "last"), ("llama", "last"), ("t5", "mean")]
+)
+def test_auto_pooling_is_last_token_for_causal_decoders_only(model_type: str, expected: str) -> None:
+    from tests.models import TINY_CONFIGS
+
+    config = {"model_type": model_type, "vocab_size": 97, **TINY_CONFIGS[model_type]}
+    assert TextClassifier(config=config).pooling == expected
+    assert TextClassifier(config=config, pooling="cls").pooling == "cls"  # an explicit choice is kept
+
+
 def test_structure_for_tuners(tiny_config: dict[str, Any]) -> None:
     model = TextClassifier(config=tiny_config, num_labels=5)
     assert isinstance(model.classifier, torch.nn.Linear) and model.classifier.out_features == 5
@@ -139,7 +166,7 @@ def test_constructor_errors(tiny_config: dict[str, Any]) -> None:
         TextClassifier("minilm", config=tiny_config)
     with pytest.raises(ValueError, match="needs a 'model_type'"):
         TextClassifier(config={"hidden_size": 32})
-    with pytest.raises(ValueError, match="pooling must be 'cls' or 'mean'"):
+    with pytest.raises(ValueError, match="pooling must be 'auto', 'cls', 'mean' or 'last'"):
         TextClassifier(config=tiny_config, pooling="max")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_labels must be >= 2"):
         TextClassifier(config=tiny_config, num_labels=1)
