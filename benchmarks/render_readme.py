@@ -439,6 +439,7 @@ def _attention_quality(d: Json) -> list[str]:
 
 
 FIGURES: dict[str, Callable[[Json], list[str]]] = {
+    "demo_baselines.json": _demo,
     "attention_quality.json": _attention_quality,
     "ddp_step.json": _ddp,
     "prompt_family.json": _prompt_family,
