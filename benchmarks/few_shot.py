@@ -377,6 +377,7 @@ def main() -> None:
         nargs="+",
         default=[
             "zero_shot",
+            "probe",
             "head_lora",
             "head_full",
             "prompt_lora",
