@@ -202,7 +202,8 @@ def few_shot_table(data: Json) -> str:
     (every method of the grid, "not run" where the JSON has no run), then prompt-based minus head
     fine-tuning per seed (the LM-BFF claim) and the PET ensembles' own accuracy."""
     runs = data["runs"]
-    shots = sorted({r["shots"] for r in runs})
+    invocations = [data["meta"]["args"], *data["meta"].get("earlier_args", [])]
+    shots = sorted({r["shots"] for r in runs} | {k for a in invocations for k in a["shots"]})
     lines = [
         "| method | " + " | ".join(f"{k} per class" for k in shots) + " |",
         "|---|" + "---|" * len(shots),
@@ -227,7 +228,8 @@ def few_shot_table(data: Json) -> str:
             diffs = [100 * (by_seed["prompt"][s] - by_seed["head"][s]) for s in seeds]
             lines.append(
                 f"- {k} per class, {tuning}: prompt-based minus head {statistics.mean(diffs):+.1f} points "
-                f"(per seed {min(diffs):+.1f} to {max(diffs):+.1f}, {len(seeds)} seeds)"
+                f"(per seed {min(diffs):+.1f} to {max(diffs):+.1f}, "
+                f"{len(seeds)} seed{'s' * (len(seeds) > 1)})"
             )
     for tuning in ("lora", "full"):
         ens = [r["ensemble_acc"] for r in runs if r["method"] == f"pet_{tuning}"]
