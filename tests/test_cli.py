@@ -203,7 +203,10 @@ def test_config_errors_print_the_message_alone_unless_asked_for_the_traceback(
         (["--model.init_args.num_labels", "1"], "num_labels must be >= 2; got 1"),
         (["--trainer.max_steps", "abc"], 'Parser key "trainer.max_steps"'),
         (["--model.init_args.nonsense", "3"], "Option 'nonsense' is not accepted"),
-        (["--model.init_args.pooling", "max"], "Expected a typing.Literal['auto', 'cls', 'mean', 'last']. Got value: max"),
+        (
+            ["--model.init_args.pooling", "max"],
+            "Expected a typing.Literal['auto', 'cls', 'mean', 'last']. Got value: max",
+        ),
     ]
     for extra, words in cases:
         with pytest.raises(SystemExit) as exit_info:
