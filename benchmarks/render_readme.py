@@ -2,8 +2,9 @@
 
 Two kinds of README content come from ``benchmarks/results/*.json``:
 
-* generated regions, between ``<!-- generated: NAME -->`` and ``<!-- end generated: NAME -->``: the
-  attention scaling table and the training-step table, rewritten from the JSON by this script;
+* generated regions, between ``<!-- generated: NAME -->`` and ``<!-- end generated: NAME -->`` (the
+  tables of :data:`REGIONS`: attention scaling and quality, training step, early exit, few-shot), rewritten
+  from the JSON by this script;
 * figures in prose: each entry of :data:`FIGURES` formats a value of a JSON file the way the README writes
   it, and that text must occur in the README.
 
